@@ -1,0 +1,98 @@
+"""Load any trained model folder (see seqmodels.recipes) and use it on text.
+
+One interface for the pyfunc, the CLI and evaluation:
+- translation models: `translate(texts)`;
+- language models: `total_nll(lines)`, `perplexities(lines)`, `generate(prompts, ...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from seqmodels.recipes import META_FILE
+from seqmodels.vocab import load_sentencepiece
+
+
+class TranslationPredictor:
+    default_task = "translate"
+
+    def __init__(self, model_dir: Path, decoding: dict, device: str = "auto"):
+        from seqmodels.inference import Translator
+
+        keys = ("beam_size", "max_len_a", "max_len_b", "length_penalty", "batch_size")
+        self.translator = Translator(
+            model_dir, model_dir / "spm.model", device, **{k: decoding[k] for k in keys if k in decoding}
+        )
+
+    def translate(self, texts: list[str]) -> list[str]:
+        return self.translator.translate(texts)
+
+
+class LanguageModelPredictor:
+    default_task = "generate"
+
+    def total_nll(self, lines: list[str]) -> tuple[float, int]:
+        raise NotImplementedError
+
+    def perplexities(self, lines: list[str]) -> list[float]:
+        """Perplexity per token of each line on its own (from a line start)."""
+        out = []
+        for line in lines:
+            nll, n = self.total_nll([line])
+            out.append(math.exp(nll / n))
+        return out
+
+
+class NeuralLMPredictor(LanguageModelPredictor):
+    def __init__(self, model_dir: Path, device: str = "auto"):
+        from seqmodels.inference import NeuralLanguageModel
+
+        self.lm = NeuralLanguageModel(model_dir, model_dir / "spm.model", device)
+
+    def total_nll(self, lines: list[str]) -> tuple[float, int]:
+        return self.lm.total_nll(lines)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 60, temperature: float = 0.8,
+                 top_k: int | None = None, seed: int | None = None) -> list[str]:
+        return self.lm.generate(prompts, max_new_tokens, temperature, top_k, None, seed)
+
+
+class NgramPredictor(LanguageModelPredictor):
+    def __init__(self, model_dir: Path):
+        from seqmodels.ngram import KneserNeyLM
+
+        self.model = KneserNeyLM.load(model_dir / "ngram.npz")
+        self.sp = load_sentencepiece(model_dir / "spm.model")
+
+    def total_nll(self, lines: list[str]) -> tuple[float, int]:
+        return self.model.total_nll([np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(lines)])
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 60, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None) -> list[str]:
+        # The n-gram model samples from its own distribution; temperature/top-k do not apply.
+        rng = np.random.default_rng(seed)
+        outputs = []
+        for prompt in prompts:
+            prompt_ids = self.sp.encode(prompt)
+            new = self.model.sample(1, prompt_ids, max_new_tokens, rng)[0].tolist()
+            prefix = self.sp.decode(prompt_ids)
+            full = self.sp.decode(prompt_ids + new)
+            outputs.append(full[len(prefix):] if full.startswith(prefix) else self.sp.decode(new))
+        return outputs
+
+
+def load_predictor(model_dir: Path, device: str = "auto"):
+    model_dir = Path(model_dir)
+    meta_path = model_dir / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{model_dir} is not a finished seqmodels model (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta["task"] == "translation":
+        return TranslationPredictor(model_dir, meta.get("decoding", {}), device)
+    if meta["type"] == "ngram":
+        return NgramPredictor(model_dir)
+    return NeuralLMPredictor(model_dir, device)

@@ -1,0 +1,100 @@
+"""Prefect tasks for the data stages: download, clean, vocabulary.
+
+These are cached across runs (inputs + task source, results persisted). Their outputs live
+in content-keyed folders under the work dir, and the cache key includes the work dir's
+workspace id, so deleting the work dir also invalidates the cache instead of leaving Prefect
+pointing at files that are gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from seqmodels.clean import InputFile, clean_corpus, write_report
+from seqmodels.config import CleanConfig, CorpusConfig, SourceFile, VocabConfig
+from seqmodels.download import TransientDownloadError, download_file
+from seqmodels.textfile import prepare_text_file, read_text_stats
+from seqmodels.vocab import train_sentencepiece
+
+CACHED = INPUTS + TASK_SOURCE
+
+
+def workspace_id(work_dir: Path) -> str:
+    """A random id stored in the work dir; part of every cache key (see module docstring)."""
+    marker = Path(work_dir) / ".workspace-id"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".workspace-id.{uuid.uuid4().hex}")
+        tmp.write_text(uuid.uuid4().hex)
+        tmp.replace(marker)
+    return marker.read_text().strip()
+
+
+def _short_hash(*parts: object) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry only failures that can go away: never a 404 or a checksum mismatch."""
+    try:
+        state.result()
+    except TransientDownloadError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="download",
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_is_transient,
+    timeout_seconds=3600,
+)
+def download_corpus_file(source: SourceFile, mirrors: list[str], cache_dir: str, workspace: str) -> str:
+    """Fetch one corpus file (mirrors first), checked against its sha256; returns its path."""
+    return str(download_file(source.url, source.sha256, Path(cache_dir), mirrors))
+
+
+@task(name="clean", cache_policy=CACHED, persist_result=True, timeout_seconds=3600)
+def clean_corpus_files(
+    raw_paths: list[str], corpus: CorpusConfig, clean: CleanConfig, work_dir: str, workspace: str
+) -> dict[str, str]:
+    """Decompress and normalise each file, then clean them into Parquet + a quality report."""
+    out_dir = Path(work_dir) / "clean" / _short_hash(raw_paths, corpus.model_dump(), clean.model_dump())
+    inputs = []
+    for raw, source in zip(raw_paths, corpus.files, strict=True):
+        digest = Path(raw).parent.name
+        name = Path(raw).name.removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz")
+        text = Path(work_dir) / "text" / f"{digest}-{corpus.max_lines or 'all'}" / name
+        if text.exists():
+            stats = read_text_stats(text)
+        else:
+            stats = prepare_text_file(Path(raw), text, max_lines=corpus.max_lines)
+        inputs.append(InputFile(text, source.url, source.split, source.lang, stats))
+    parquet, report = clean_corpus(
+        inputs, out_dir, clean, corpus.kind, corpus.src_lang, corpus.tgt_lang
+    )
+    report_json, report_md = write_report(report, out_dir)
+    create_markdown_artifact(
+        key="cleaning-report", markdown=report_md.read_text(), description="Cleaning report"
+    )
+    return {"parquet": str(parquet), "report_json": str(report_json), "report_md": str(report_md)}
+
+
+@task(name="vocab", cache_policy=CACHED, persist_result=True, timeout_seconds=3600)
+def train_vocabulary(parquet: str, columns: list[str], vocab: VocabConfig, work_dir: str, workspace: str) -> str:
+    """Train SentencePiece on the train split; returns the .model path."""
+    out_dir = Path(work_dir) / "vocab" / _short_hash(parquet, columns, vocab.model_dump())
+    return str(train_sentencepiece(Path(parquet), columns, out_dir, vocab))

@@ -1,0 +1,89 @@
+"""Prefect tasks that train and evaluate one model, tracked as an MLflow child run."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from seqmodels.config import ExperimentConfig, ModelSpec
+from seqmodels.evaluate import evaluate_model
+from seqmodels.recipes import train_model
+from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
+
+
+@task(name="train", timeout_seconds=6 * 3600)
+def train_model_run(
+    model_name: str,
+    spec: ModelSpec,
+    experiment: ExperimentConfig,
+    parquet: str,
+    spm_model: str,
+    work_dir: str,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+) -> dict:
+    """Train `model_name` in a new MLflow child run; returns its run id and model folder."""
+    client = mlflow_client(tracking_uri)
+    run = client.create_run(
+        experiment_id,
+        run_name=model_name,
+        tags={"mlflow.parentRunId": parent_run_id, "model_type": spec.type, "stage": "train"},
+    )
+    run_id = run.info.run_id
+    log_params(client, run_id, flatten("", {"model": spec.model_dump(), "vocab": experiment.vocab.model_dump()}))
+    out_dir = Path(work_dir) / "models" / f"{model_name}-{run_id[:8]}"
+    try:
+        summary = train_model(
+            spec,
+            experiment.task,
+            Path(parquet),
+            Path(spm_model),
+            out_dir,
+            decoding=experiment.evaluation.model_dump(),
+            on_metrics=MetricLogger(client, run_id),
+        )
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    for key, value in summary.items():
+        if isinstance(value, (int, float)):
+            client.log_metric(run_id, key, float(value))
+        else:
+            client.set_tag(run_id, key, str(value))
+    return {"run_id": run_id, "model_dir": str(out_dir), "summary": summary}
+
+
+@task(name="evaluate", timeout_seconds=3 * 3600)
+def evaluate_model_run(
+    model_name: str, trained: dict, experiment: ExperimentConfig, parquet: str, tracking_uri: str
+) -> dict[str, float]:
+    """Score the model on the test split; logs metrics, signatures and outputs to its run."""
+    client = mlflow_client(tracking_uri)
+    run_id = trained["run_id"]
+    started = time.perf_counter()
+    result = evaluate_model(Path(trained["model_dir"]), Path(parquet), experiment)
+    result.metrics["eval_time_s"] = time.perf_counter() - started
+    for key, value in result.metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, signature in result.signatures.items():
+        client.set_tag(run_id, f"sacrebleu.{key}.signature", signature)
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = Path(tmp) / ("hypotheses.txt" if experiment.task == "translation" else "samples.txt")
+        outputs.write_text("\n".join(result.outputs) + "\n", encoding="utf-8")
+        client.log_artifact(run_id, str(outputs), "evaluation")
+        metrics_file = Path(tmp) / "metrics.json"
+        metrics_file.write_text(json.dumps({"metrics": result.metrics, "signatures": result.signatures}, indent=2))
+        client.log_artifact(run_id, str(metrics_file), "evaluation")
+    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(result.metrics.items()))
+    create_markdown_artifact(
+        markdown=f"# {model_name}: test metrics\n\n| metric | value |\n|---|---:|\n{table}\n\n"
+        + "".join(f"- {k} signature: `{s}`\n" for k, s in result.signatures.items()),
+        description=f"{model_name} evaluation",
+    )
+    return result.metrics

@@ -1,0 +1,51 @@
+"""The MLflow pyfunc for every seqmodels model ("models from code": MLflow runs this file).
+
+`predict` takes a list of strings (or a one-column DataFrame) and a `task` param:
+- "translate" (translation models): returns the translations;
+- "generate" (language models): returns a continuation of each prompt;
+- "score" (language models): returns each line's perplexity per token, as text.
+The default task is the model's natural one. Model code travels with the model (code_paths),
+so loading needs only the Python packages, not this repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow.models import set_model
+
+
+class SeqModelPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from seqmodels.predictor import load_predictor
+
+        self.predictor = load_predictor(Path(context.artifacts["model_dir"]))
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            texts = [str(x) for x in model_input.iloc[:, 0]]
+        elif isinstance(model_input, str):
+            texts = [model_input]
+        else:
+            texts = [str(x) for x in model_input]
+        params = dict(params or {})
+        task = params.pop("task", None) or self.predictor.default_task
+        if task == "translate":
+            return self.predictor.translate(texts)
+        if task == "generate":
+            return self.predictor.generate(
+                texts,
+                max_new_tokens=int(params.get("max_new_tokens", 60)),
+                temperature=float(params.get("temperature", 0.8)),
+                top_k=int(params["top_k"]) if params.get("top_k") else None,
+                seed=int(params["seed"]) if params.get("seed") is not None else None,
+            )
+        if task == "score":
+            return [f"{ppl:.4f}" for ppl in self.predictor.perplexities(texts)]
+        raise ValueError(f"unknown task {task!r}: use translate, generate or score")
+
+
+set_model(SeqModelPyfunc())
