@@ -17,7 +17,13 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
 # Metrics shown in the summary table, in this order, when a model has them.
-SHOWN_METRICS = ("test_bits_per_char", "test_ppl_per_word", "test_ppl_per_token", "test_bleu", "test_chrf")
+SHOWN_METRICS = (
+    "test_bits_per_char",
+    "test_ppl_per_word",
+    "test_ppl_per_token",
+    "test_bleu",
+    "test_chrf",
+)
 
 
 @app.callback()
@@ -46,7 +52,11 @@ def results_table(rows: list[dict]) -> Table:
             if name in row["metrics"]
         )
         table.add_row(
-            row["experiment"], row["model"], metrics, row["run_id"], row["version"],
+            row["experiment"],
+            row["model"],
+            metrics,
+            row["run_id"],
+            row["version"],
             "champion" if row["champion"] else "",
         )
     return table
@@ -55,7 +65,9 @@ def results_table(rows: list[dict]) -> Table:
 @app.command()
 def run(
     config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Pipeline config (YAML)."),
-    experiment: list[str] = typer.Option(None, "--experiment", "-e", help="Only these experiments."),
+    experiment: list[str] = typer.Option(
+        None, "--experiment", "-e", help="Only these experiments."
+    ),
     refresh_cache: bool = typer.Option(False, help="Ignore cached download/clean/vocab results."),
 ) -> None:
     """Run the pipeline: download, clean, vocab, train, evaluate, register."""

@@ -18,7 +18,14 @@ from seqmodels.config import load_config
 from tasks.data import clean_corpus_files, download_corpus_file, train_vocabulary, workspace_id
 from tasks.modeling import evaluate_model_run, train_model_run
 from tasks.registry import CHAMPION, register_model_version
-from tasks.tracking import code_commit, experiment_id, file_digest, flatten, log_params, mlflow_client
+from tasks.tracking import (
+    code_commit,
+    experiment_id,
+    file_digest,
+    flatten,
+    log_params,
+    mlflow_client,
+)
 
 
 @flow(name="seqmodels-experiment", flow_run_name="{experiment}")
@@ -52,7 +59,11 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
         "config_hash": config.fingerprint(),
         "prefect_flow_run_id": str(flow_run.get_id()),
     }
-    parent = client.create_run(exp_id, run_name=f"{experiment}-{flow_run.get_name()}", tags={**lineage, "stage": "pipeline"})
+    parent = client.create_run(
+        exp_id,
+        run_name=f"{experiment}-{flow_run.get_name()}",
+        tags={**lineage, "stage": "pipeline"},
+    )
     parent_id = parent.info.run_id
     log_params(client, parent_id, flatten("", exp.model_dump(mode="json")))
     client.log_artifact(parent_id, data["report_json"], "data")
@@ -67,16 +78,38 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
     try:
         for model_name, spec in exp.models.items():
             trained = train_model_run(
-                model_name, spec, exp, data["parquet"], spm_model, str(work_dir), tracking_uri, exp_id, parent_id
+                model_name,
+                spec,
+                exp,
+                data["parquet"],
+                spm_model,
+                str(work_dir),
+                tracking_uri,
+                exp_id,
+                parent_id,
             )
             metrics = evaluate_model_run(model_name, trained, exp, data["parquet"], tracking_uri)
             registered = register_model_version(
-                experiment, model_name, trained, metrics, exp.task, exp.primary_metric,
-                exp.higher_is_better, tracking_uri, {**lineage, "model_type": spec.type},
+                experiment,
+                model_name,
+                trained,
+                metrics,
+                exp.task,
+                exp.primary_metric,
+                exp.higher_is_better,
+                tracking_uri,
+                {**lineage, "model_type": spec.type},
             )
             logger.info(registered["decision"])
-            rows.append({"experiment": experiment, "model": model_name, "run_id": trained["run_id"],
-                         "version": registered["version"], "metrics": metrics})
+            rows.append(
+                {
+                    "experiment": experiment,
+                    "model": model_name,
+                    "run_id": trained["run_id"],
+                    "version": registered["version"],
+                    "metrics": metrics,
+                }
+            )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -95,7 +128,10 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
 
 
 def summary_markdown(rows: list[dict], primary_metric: str) -> str:
-    lines = [f"| model | {primary_metric} | version | champion | MLflow run |", "|---|---:|---:|:-:|---|"]
+    lines = [
+        f"| model | {primary_metric} | version | champion | MLflow run |",
+        "|---|---:|---:|:-:|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['metrics'][primary_metric]:.4f} | {r['version']} | "
@@ -105,7 +141,9 @@ def summary_markdown(rows: list[dict], primary_metric: str) -> str:
 
 
 @flow(name="seqmodels-pipeline", flow_run_name="pipeline-{config_path}")
-def pipeline_flow(config_path: str, experiments: list[str] | None = None, refresh_cache: bool = False) -> list[dict]:
+def pipeline_flow(
+    config_path: str, experiments: list[str] | None = None, refresh_cache: bool = False
+) -> list[dict]:
     """Every experiment of the config (or the named ones), one subflow each."""
     config = load_config(config_path, experiments)
     rows: list[dict] = []

@@ -146,7 +146,9 @@ def _mark_duplicates(lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig) -> 
     alive = pl.col("drop_reason").is_null()
     if cfg.remove_eval_overlap:
         in_eval = (
-            lf.filter((pl.col("split") != "train") & alive).select("_key").unique()
+            lf.filter((pl.col("split") != "train") & alive)
+            .select("_key")
+            .unique()
             .with_columns(_in_eval=pl.lit(True))
         )
         lf = lf.join(in_eval, on="_key", how="left", maintain_order="left").with_columns(
@@ -248,7 +250,12 @@ def _report(
         "examples": {r: ex for r, ex in examples.iter_rows()},
         "length_chars": {row["split"]: row for row in lengths.iter_rows(named=True)},
         "input_files": [
-            {"url": f.url, "split": f.split, "lang": f.lang, **(f.stats.__dict__ if f.stats else {})}
+            {
+                "url": f.url,
+                "split": f.split,
+                "lang": f.lang,
+                **(f.stats.__dict__ if f.stats else {}),
+            }
             for f in files
         ],
         "rules": cfg.model_dump(),
@@ -266,28 +273,45 @@ def report_markdown(report: dict) -> str:
         lines.append("No rows dropped.")
     for reason, per_split in sorted(report["dropped"].items()):
         total = sum(per_split.values())
-        lines.append(f"- **{reason}**: {total} ({', '.join(f'{s}: {n}' for s, n in per_split.items())})")
+        lines.append(
+            f"- **{reason}**: {total} ({', '.join(f'{s}: {n}' for s, n in per_split.items())})"
+        )
         for ex in report["examples"].get(reason, []):
             text = " ||| ".join(str(ex[c]) for c in ("text", "src", "tgt") if c in ex)
-            lines.append(f"  - `{ex['source_file'].rsplit('/', 1)[-1]}:{ex['line']}` {text[:120]!r}")
-    lines += ["", "## Input fixes", "", "| file | lines | BOM | CRLF | NUL | invalid UTF-8 lines |",
-              "|---|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"  - `{ex['source_file'].rsplit('/', 1)[-1]}:{ex['line']}` {text[:120]!r}"
+            )
+    lines += [
+        "",
+        "## Input fixes",
+        "",
+        "| file | lines | BOM | CRLF | NUL | invalid UTF-8 lines |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for f in report["input_files"]:
         name = f["url"].rsplit("/", 1)[-1]
-        lines.append(
-            f"| {name} | {f.get('lines', '')} | {f.get('bom_removed', '')} | "
-            f"{f.get('crlf_fixed', '')} | {f.get('nul_removed', '')} | {f.get('invalid_utf8_lines', '')} |"
-        )
-    lines += ["", "## Segment length in characters (kept rows)", "",
-              "| split | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|"]
+        counts = [f.get(k, "") for k in ("lines", "bom_removed", "crlf_fixed", "nul_removed")]
+        counts.append(f.get("invalid_utf8_lines", ""))
+        lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+    lines += [
+        "",
+        "## Segment length in characters (kept rows)",
+        "",
+        "| split | mean | p50 | p90 | p99 | max |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for split, s in sorted(report["length_chars"].items()):
-        lines.append(f"| {split} | {s['mean']:.1f} | {s['p50']:.0f} | {s['p90']:.0f} | {s['p99']:.0f} | {s['max']} |")
+        quantiles = " | ".join(f"{s[q]:.0f}" for q in ("p50", "p90", "p99"))
+        lines.append(f"| {split} | {s['mean']:.1f} | {quantiles} | {s['max']} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     json_path, md_path = out_dir / "clean_report.json", out_dir / "clean_report.md"
-    for path, text in ((json_path, json.dumps(report, indent=2, default=str)), (md_path, report_markdown(report))):
+    for path, text in (
+        (json_path, json.dumps(report, indent=2, default=str)),
+        (md_path, report_markdown(report)),
+    ):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

@@ -88,7 +88,9 @@ MT_TYPES = ("lstm_seq2seq", "transformer_seq2seq")
 
 
 class ModelSpec(_Strict):
-    type: Literal["ngram", "lstm_lm", "gru_lm", "transformer_lm", "lstm_seq2seq", "transformer_seq2seq"]
+    type: Literal[
+        "ngram", "lstm_lm", "gru_lm", "transformer_lm", "lstm_seq2seq", "transformer_seq2seq"
+    ]
     architecture: dict[str, Any] = {}  # fields of the model's config dataclass (or `order`)
     training: dict[str, Any] = {}  # fields of seqmodels.training.TrainConfig
 

@@ -155,13 +155,20 @@ def download_file(
                 missing.append(f"{source} (HTTP {exc.code})")
                 part.unlink(missing_ok=True)
             continue
-        except (urllib.error.URLError, TimeoutError, ConnectionError, TransientDownloadError) as exc:
+        except (
+            urllib.error.URLError,
+            TimeoutError,
+            ConnectionError,
+            TransientDownloadError,
+        ) as exc:
             transient.append(f"{source}: {getattr(exc, 'reason', exc)}")
             continue
         actual = sha256_of(part)
         if sha256 is not None and actual != sha256:
             part.unlink()
-            raise ChecksumMismatchError(url if source == url else f"{url} (via {source})", sha256, actual)
+            raise ChecksumMismatchError(
+                url if source == url else f"{url} (via {source})", sha256, actual
+            )
         if sha256 is None:
             log.warning("%s has no sha256 in the config; pin it with `sha256: %s`", url, actual)
         final = cache_dir / actual / name

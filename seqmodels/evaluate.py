@@ -18,7 +18,9 @@ class EvaluationResult:
     outputs: list[str] = field(default_factory=list)  # MT: hypotheses; LM: samples
 
 
-def evaluate_model(model_dir: Path, parquet: Path, experiment: ExperimentConfig) -> EvaluationResult:
+def evaluate_model(
+    model_dir: Path, parquet: Path, experiment: ExperimentConfig
+) -> EvaluationResult:
     predictor = load_predictor(model_dir)
     ev = experiment.evaluation
     if experiment.task == "translation":

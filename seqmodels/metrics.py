@@ -35,7 +35,9 @@ def language_model_metrics(nll_nats: float, n_tokens: int, lines: list[str]) -> 
     }
 
 
-def translation_metrics(hypotheses: list[str], references: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+def translation_metrics(
+    hypotheses: list[str], references: list[str]
+) -> tuple[dict[str, float], dict[str, str]]:
     """sacreBLEU BLEU and chrF on detokenized text; returns (scores, signatures)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")

@@ -25,7 +25,10 @@ class TranslationPredictor:
 
         keys = ("beam_size", "max_len_a", "max_len_b", "length_penalty", "batch_size")
         self.translator = Translator(
-            model_dir, model_dir / "spm.model", device, **{k: decoding[k] for k in keys if k in decoding}
+            model_dir,
+            model_dir / "spm.model",
+            device,
+            **{k: decoding[k] for k in keys if k in decoding},
         )
 
     def translate(self, texts: list[str]) -> list[str]:
@@ -56,8 +59,14 @@ class NeuralLMPredictor(LanguageModelPredictor):
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
         return self.lm.total_nll(lines)
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 60, temperature: float = 0.8,
-                 top_k: int | None = None, seed: int | None = None) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 60,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
         return self.lm.generate(prompts, max_new_tokens, temperature, top_k, None, seed)
 
 
@@ -69,10 +78,18 @@ class NgramPredictor(LanguageModelPredictor):
         self.sp = load_sentencepiece(model_dir / "spm.model")
 
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
-        return self.model.total_nll([np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(lines)])
+        return self.model.total_nll(
+            [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(lines)]
+        )
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 60, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None) -> list[str]:
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 60,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
         # The n-gram model samples from its own distribution; temperature/top-k do not apply.
         rng = np.random.default_rng(seed)
         outputs = []
@@ -81,7 +98,7 @@ class NgramPredictor(LanguageModelPredictor):
             new = self.model.sample(1, prompt_ids, max_new_tokens, rng)[0].tolist()
             prefix = self.sp.decode(prompt_ids)
             full = self.sp.decode(prompt_ids + new)
-            outputs.append(full[len(prefix):] if full.startswith(prefix) else self.sp.decode(new))
+            outputs.append(full[len(prefix) :] if full.startswith(prefix) else self.sp.decode(new))
         return outputs
 
 

@@ -140,7 +140,9 @@ def _result_summary(result) -> dict[str, Any]:
     }
 
 
-def _train_neural_lm(spec: ModelSpec, parquet: Path, sp, vocab_size: int, out_dir: Path, on_metrics) -> dict:
+def _train_neural_lm(
+    spec: ModelSpec, parquet: Path, sp, vocab_size: int, out_dir: Path, on_metrics
+) -> dict:
     from seqmodels.training import train_language_model
 
     arch = dict(spec.architecture, vocab_size=vocab_size)
@@ -157,7 +159,9 @@ def _train_neural_lm(spec: ModelSpec, parquet: Path, sp, vocab_size: int, out_di
     return {**_result_summary(result), "train_tokens": int(len(train))}
 
 
-def _train_seq2seq(spec: ModelSpec, parquet: Path, sp, vocab_size: int, out_dir: Path, on_metrics) -> dict:
+def _train_seq2seq(
+    spec: ModelSpec, parquet: Path, sp, vocab_size: int, out_dir: Path, on_metrics
+) -> dict:
     from seqmodels.training import train_translation_model
 
     model_config = _model_config_class(spec.type)(**dict(spec.architecture, vocab_size=vocab_size))

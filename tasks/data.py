@@ -62,7 +62,9 @@ def _is_transient(task, task_run, state) -> bool:
     retry_condition_fn=_is_transient,
     timeout_seconds=3600,
 )
-def download_corpus_file(source: SourceFile, mirrors: list[str], cache_dir: str, workspace: str) -> str:
+def download_corpus_file(
+    source: SourceFile, mirrors: list[str], cache_dir: str, workspace: str
+) -> str:
     """Fetch one corpus file (mirrors first), checked against its sha256; returns its path."""
     return str(download_file(source.url, source.sha256, Path(cache_dir), mirrors))
 
@@ -72,7 +74,9 @@ def clean_corpus_files(
     raw_paths: list[str], corpus: CorpusConfig, clean: CleanConfig, work_dir: str, workspace: str
 ) -> dict[str, str]:
     """Decompress and normalise each file, then clean them into Parquet + a quality report."""
-    out_dir = Path(work_dir) / "clean" / _short_hash(raw_paths, corpus.model_dump(), clean.model_dump())
+    out_dir = (
+        Path(work_dir) / "clean" / _short_hash(raw_paths, corpus.model_dump(), clean.model_dump())
+    )
     inputs = []
     for raw, source in zip(raw_paths, corpus.files, strict=True):
         digest = Path(raw).parent.name
@@ -94,7 +98,9 @@ def clean_corpus_files(
 
 
 @task(name="vocab", cache_policy=CACHED, persist_result=True, timeout_seconds=3600)
-def train_vocabulary(parquet: str, columns: list[str], vocab: VocabConfig, work_dir: str, workspace: str) -> str:
+def train_vocabulary(
+    parquet: str, columns: list[str], vocab: VocabConfig, work_dir: str, workspace: str
+) -> str:
     """Train SentencePiece on the train split; returns the .model path."""
     out_dir = Path(work_dir) / "vocab" / _short_hash(parquet, columns, vocab.model_dump())
     return str(train_sentencepiece(Path(parquet), columns, out_dir, vocab))

@@ -36,7 +36,11 @@ def train_model_run(
         tags={"mlflow.parentRunId": parent_run_id, "model_type": spec.type, "stage": "train"},
     )
     run_id = run.info.run_id
-    log_params(client, run_id, flatten("", {"model": spec.model_dump(), "vocab": experiment.vocab.model_dump()}))
+    log_params(
+        client,
+        run_id,
+        flatten("", {"model": spec.model_dump(), "vocab": experiment.vocab.model_dump()}),
+    )
     out_dir = Path(work_dir) / "models" / f"{model_name}-{run_id[:8]}"
     try:
         summary = train_model(
@@ -74,11 +78,15 @@ def evaluate_model_run(
     for key, signature in result.signatures.items():
         client.set_tag(run_id, f"sacrebleu.{key}.signature", signature)
     with tempfile.TemporaryDirectory() as tmp:
-        outputs = Path(tmp) / ("hypotheses.txt" if experiment.task == "translation" else "samples.txt")
+        outputs = Path(tmp) / (
+            "hypotheses.txt" if experiment.task == "translation" else "samples.txt"
+        )
         outputs.write_text("\n".join(result.outputs) + "\n", encoding="utf-8")
         client.log_artifact(run_id, str(outputs), "evaluation")
         metrics_file = Path(tmp) / "metrics.json"
-        metrics_file.write_text(json.dumps({"metrics": result.metrics, "signatures": result.signatures}, indent=2))
+        metrics_file.write_text(
+            json.dumps({"metrics": result.metrics, "signatures": result.signatures}, indent=2)
+        )
         client.log_artifact(run_id, str(metrics_file), "evaluation")
     table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(result.metrics.items()))
     create_markdown_artifact(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import warnings
 import math
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -38,7 +38,9 @@ def _signature(task_kind: str) -> ModelSignature:
     )
 
 
-def champion_score(client: mlflow.MlflowClient, name: str, metric: str) -> tuple[str | None, float | None]:
+def champion_score(
+    client: mlflow.MlflowClient, name: str, metric: str
+) -> tuple[str | None, float | None]:
     """(version, primary metric) of the current champion, or (None, None) when there is none."""
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
@@ -99,14 +101,19 @@ def register_model_version(
         client.set_model_version_tag(registered_name, version, key, value)
     if promoted:
         client.set_registered_model_alias(registered_name, CHAMPION, version)
-        client.set_model_version_tag(registered_name, version, "promoted_over", str(previous_version))
+        client.set_model_version_tag(
+            registered_name, version, "promoted_over", str(previous_version)
+        )
     client.set_terminated(run_id, status="FINISHED")
+    before = "none" if previous_score is None else f"{previous_score:.4f}"
     decision = (
         f"version {version} ({model_name}) {primary_metric}={score:.4f} vs champion "
-        f"{previous_version} {primary_metric}={previous_score if previous_score is None else round(previous_score, 4)}: "
+        f"{previous_version} {primary_metric}={before}: "
         + ("promoted to champion" if promoted else "not promoted")
     )
-    create_markdown_artifact(markdown=f"# Promotion decision\n\n{decision}\n", description="promotion")
+    create_markdown_artifact(
+        markdown=f"# Promotion decision\n\n{decision}\n", description="promotion"
+    )
     return {
         "version": version,
         "champion": promoted,

@@ -78,7 +78,10 @@ def code_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -92,6 +95,8 @@ class MetricLogger:
         self.client, self.run_id = client, run_id
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
-        items = [mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), step)
-                 for k, v in metrics.items()]
+        items = [
+            mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), step)
+            for k, v in metrics.items()
+        ]
         self.client.log_batch(self.run_id, metrics=items)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Quickstart command 2: set up, then run the test suite (the same command CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
+export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
+.venv/bin/python -m pytest -q "$@"

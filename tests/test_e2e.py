@@ -1,0 +1,77 @@
+"""Both default experiments, end to end, on a slice of the mirror: real Prefect (local
+temporary server), real MLflow (temp SQLite), the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+
+def _run(args, cwd, env, timeout=900):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_path, mirror):
+    db = tmp_path / "mlflow.db"
+    env = {
+        **os.environ,
+        "SEQMODELS_MIRROR": str(mirror),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "COLUMNS": "200",
+    }
+    cli = [sys.executable, "-m", "flows.cli", "run", "--config", str(REPO / "configs/smoke.yaml")]
+    env["PYTHONPATH"] = str(REPO)
+    first = _run(cli, tmp_path, env)
+    assert "seqmodels results" in first
+    for model in ("kn5", "lstm", "transformer", "lstm_attention"):
+        assert model in first
+
+    client = MlflowClient(f"sqlite:///{db}")
+    for name, n_models in (("lm-shakespeare", 3), ("mt-multi30k-de-en", 2)):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == n_models
+        champion = client.get_model_version_by_alias(name, "champion")
+        run = client.get_run(champion.run_id)
+        assert run.data.tags["mlflow.parentRunId"]
+        assert {"data_sha256", "vocab_sha256", "config_hash", "code_commit"} <= set(champion.tags)
+    lm_runs = client.search_runs(
+        [client.get_experiment_by_name("lm-shakespeare").experiment_id],
+        "tags.stage = 'train'",
+    )
+    for run in lm_runs:
+        assert {"test_bits_per_char", "test_ppl_per_word", "test_ppl_per_token"} <= set(
+            run.data.metrics
+        )
+    mt_run = client.get_run(
+        client.get_model_version_by_alias("mt-multi30k-de-en", "champion").run_id
+    )
+    assert "test_bleu" in mt_run.data.metrics
+    assert mt_run.data.tags["sacrebleu.bleu.signature"].startswith("nrefs:1|case:mixed")
+
+    # A fresh Python process loads the champion by alias and translates.
+    uri = f"sqlite:///{db}"
+    probe = (
+        f"import mlflow; mlflow.set_tracking_uri({uri!r});"
+        "m = mlflow.pyfunc.load_model('models:/mt-multi30k-de-en@champion');"
+        "out = m.predict(['Ein Mann fährt Fahrrad.']);"
+        "assert isinstance(out[0], str); print('OK', out)"
+    )
+    assert "OK" in _run([sys.executable, "-c", probe], tmp_path, env, timeout=300)
+
+    # Unchanged inputs: download, clean and vocab come from Prefect's cache.
+    second = _run([*cli, "--experiment", "lm-shakespeare"], tmp_path, env)
+    for stage in ("download", "clean", "vocab"):
+        assert any(
+            f"Task run '{stage}-" in line and "Cached" in line for line in second.splitlines()
+        ), stage
