@@ -283,14 +283,12 @@ def _fit(
 
 
 def _lm_loss(model, batch: Batch, smoothing: float) -> tuple[torch.Tensor, int]:
+    # Language models are judged by their likelihood, so they train on the true NLL:
+    # `smoothing` (label_smoothing) applies to translation models only.
     x, y = batch
     logits, _ = model(x)
     loss = F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        y.flatten(),
-        ignore_index=PAD_ID,
-        label_smoothing=smoothing,
-        reduction="sum",
+        logits.flatten(0, 1).float(), y.flatten(), ignore_index=PAD_ID, reduction="sum"
     )
     return loss, int((y != PAD_ID).sum())
 

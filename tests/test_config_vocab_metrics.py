@@ -20,6 +20,10 @@ def test_shipped_configs_are_valid_and_gpu_overrides_only_sizes():
     mt, mt_gpu = default.experiments["mt-multi30k-de-en"], gpu.experiments["mt-multi30k-de-en"]
     assert mt_gpu.models["transformer"].architecture["d_model"] == 512
     assert mt_gpu.corpus == mt.corpus  # inherited, not repeated
+    # The CPU profile's wall-clock caps must not leak into the GPU profile through the merge.
+    for exp in gpu.experiments.values():
+        for spec in exp.models.values():
+            assert spec.training.get("max_train_minutes") is None
     assert mt.primary_metric == "test_bleu" and mt.higher_is_better
     assert default.experiments["lm-shakespeare"].primary_metric == "test_bits_per_char"
 
