@@ -8,6 +8,7 @@ one decoder call per output position serves the whole batch.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID
@@ -49,13 +50,13 @@ def _strip(ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def greedy_decode(
-    model,
+    model: nn.Module,
     src: torch.Tensor,
     src_mask: torch.Tensor,
     max_len_a: float = 1.2,
     max_len_b: float = 10,
     return_scores: bool = False,
-):
+) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """Argmax decoding. Returns token ids per sentence (no bos/eos/pad) and, with
     return_scores, the summed log-probability of each output including its EOS."""
     B = src.size(0)
@@ -88,7 +89,7 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 
 @torch.no_grad()
 def beam_search(
-    model,
+    model: nn.Module,
     src: torch.Tensor,
     src_mask: torch.Tensor,
     beam_size: int = 5,
@@ -96,7 +97,7 @@ def beam_search(
     max_len_b: float = 10,
     length_penalty: float = 1.0,
     return_scores: bool = False,
-):
+) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """Batched beam search over B sentences x K beams.
 
     Hypotheses are ranked by log P(Y|X) / lp(Y) with the GNMT length penalty
@@ -177,7 +178,7 @@ def beam_search(
 
 @torch.no_grad()
 def sequence_log_probs(
-    model, src: torch.Tensor, src_mask: torch.Tensor, hyps: list[list[int]]
+    model: nn.Module, src: torch.Tensor, src_mask: torch.Tensor, hyps: list[list[int]]
 ) -> list[float]:
     """Teacher-forced log P(hyp + EOS | src) for each sentence (for tests/rescoring)."""
     B = len(hyps)
@@ -214,7 +215,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -
 
 @torch.no_grad()
 def sample_continuation(
-    model,
+    model: nn.Module,
     prompt: list[int],
     max_new_tokens: int = 100,
     temperature: float = 1.0,
