@@ -163,20 +163,35 @@ class NeuralLanguageModel:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop_at_line_end: bool = True,
     ) -> list[str]:
-        """Continue each prompt up to the end of its line (EOS) or max_new_tokens;
-        returns only the continuation text."""
+        """Continue each prompt for up to max_new_tokens; returns only the continuation text.
+        With stop_at_line_end the continuation ends at the first EOS, otherwise it runs on
+        across lines, each EOS becoming a newline."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         outputs = []
         for prompt in prompts:
             prompt_ids = [EOS_ID] + self.sp.encode(prompt)
+            stop = EOS_ID if stop_at_line_end else None
             new = sample_continuation(
-                self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p, gen
+                self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p, gen, stop
             )
-            prefix = self.sp.decode(prompt_ids[1:])
-            full = self.sp.decode(prompt_ids[1:] + new)
-            # Decode together so the boundary space is kept ("the" + "▁cat" -> " cat").
-            outputs.append(full[len(prefix) :] if full.startswith(prefix) else self.sp.decode(new))
+            outputs.append(continuation_text(self.sp, prompt_ids[1:], new))
         return outputs
+
+
+def continuation_text(sp: spm.SentencePieceProcessor, prompt: list[int], new: list[int]) -> str:
+    """Text of `new` as it continues `prompt`; every EOS in `new` starts a new line."""
+    lines: list[list[int]] = [[]]
+    for token in new:
+        if token == EOS_ID:
+            lines.append([])
+        else:
+            lines[-1].append(token)
+    # Decode the first line together with the prompt so the boundary space is kept
+    # ("the" + "▁cat" -> " cat").
+    prefix, full = sp.decode(prompt), sp.decode(prompt + lines[0])
+    first = full[len(prefix) :] if full.startswith(prefix) else sp.decode(lines[0])
+    return "\n".join([first] + [sp.decode(line) for line in lines[1:]])

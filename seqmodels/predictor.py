@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seqmodels import EOS_ID
 from seqmodels.recipes import META_FILE
 from seqmodels.vocab import load_sentencepiece
 
@@ -67,7 +68,9 @@ class NeuralLMPredictor(LanguageModelPredictor):
         top_k: int | None = None,
         seed: int | None = None,
     ) -> list[str]:
-        return self.lm.generate(prompts, max_new_tokens, temperature, top_k, None, seed)
+        return self.lm.generate(
+            prompts, max_new_tokens, temperature, top_k, None, seed, stop_at_line_end=False
+        )
 
 
 class NgramPredictor(LanguageModelPredictor):
@@ -91,14 +94,23 @@ class NgramPredictor(LanguageModelPredictor):
         seed: int | None = None,
     ) -> list[str]:
         # The n-gram model samples from its own distribution; temperature/top-k do not apply.
+        # It samples a line at a time, so a continuation runs on across line ends.
+        from seqmodels.inference import continuation_text
+
         rng = np.random.default_rng(seed)
         outputs = []
         for prompt in prompts:
             prompt_ids = self.sp.encode(prompt)
-            new = self.model.sample(1, prompt_ids, max_new_tokens, rng)[0].tolist()
-            prefix = self.sp.decode(prompt_ids)
-            full = self.sp.decode(prompt_ids + new)
-            outputs.append(full[len(prefix) :] if full.startswith(prefix) else self.sp.decode(new))
+            line, new = list(prompt_ids), []
+            while len(new) < max_new_tokens:
+                budget = max_new_tokens - len(new)
+                sampled = self.model.sample(1, line, budget, rng)[0].tolist()
+                new += sampled
+                if len(sampled) == budget:
+                    break
+                new.append(EOS_ID)  # the line ended: the next one starts from <s>
+                line = []
+            outputs.append(continuation_text(self.sp, prompt_ids, new))
         return outputs
 
 

@@ -72,3 +72,15 @@ def test_champion_alias_moves_only_when_the_challenger_wins(tmp_path, tiny_ngram
         model.predict(["ROMEO: the night is dark and long"], params={"task": "score"})[0]
     )
     assert 1.0 <= perplexity < 10.0  # the model has seen this line many times
+
+
+def test_language_model_continuations_run_across_line_ends(tiny_ngram_dir):
+    from seqmodels.predictor import load_predictor
+
+    predictor = load_predictor(tiny_ngram_dir)
+    # The training lines all end after "long", so a continuation must cross line ends.
+    text = predictor.generate(["ROMEO: the night is dark and long"], max_new_tokens=60, seed=3)[0]
+    lines = text.split("\n")
+    assert lines[0] == "" and len(lines) >= 3
+    assert all(line.startswith("ROMEO: the night") for line in lines[1:-1])
+    assert text == predictor.generate(["ROMEO: the night is dark and long"], 60, seed=3)[0]
