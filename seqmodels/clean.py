@@ -1,22 +1,35 @@
-"""Clean a corpus with Polars into one Parquet file plus a quality report.
+"""Clean a corpus with Polars into one zstd Parquet file plus a quality report.
 
-Every input line gets a `drop_reason` (the first rule it fails, or null), so one lazy plan
-both writes the kept rows and counts the dropped ones. Filters apply to the train split only;
-valid and test are normalised but otherwise left alone, so scores on them stay comparable to
-published numbers.
+Two streaming passes, so memory holds 8-byte segment hashes, never the text:
+1. scan every source, assign splits, normalise, and give each row a `drop_reason` (the first
+   rule it fails, or null); the result goes to a temporary Parquet file;
+2. from that file, mark train rows that occur in valid/test and exact duplicates (first
+   occurrence kept, by u64 hash of the segment or pair), then write the kept rows with the
+   explicit schema and compute the report, all in one `collect_all`.
+The output is written to a temp name and renamed, so it is either complete or absent.
 """
 
 from __future__ import annotations
 
-import json
+import html
 import os
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
+from seqmodels.clean_report import HISTOGRAM_EDGES, build_report
 from seqmodels.config import CleanConfig
-from seqmodels.textfile import TextFileStats
+from seqmodels.corpus_reader import (
+    AlignmentError,
+    CorpusFormatError,
+    InputFile,
+    line_count,
+    scan_corpus,
+)
+
+__all__ = ["AlignmentError", "CorpusFormatError", "InputFile", "clean_corpus", "split_expr"]
 
 # The explicit output schemas: column order and types are part of the contract.
 MONOLINGUAL_SCHEMA: dict[str, pl.DataType] = {
@@ -36,134 +49,220 @@ PARALLEL_SCHEMA: dict[str, pl.DataType] = {
 }
 SPLITS = ("train", "valid", "test")
 EXAMPLES_PER_RULE = 3
+_ENTITY = r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);"
+_MASK64 = (1 << 64) - 1
 
 
-@dataclass
-class InputFile:
-    """A prepared (UTF-8, LF) text file and where it came from."""
-
-    path: Path
-    url: str
-    split: str | None = None
-    lang: str | None = None
-    stats: TextFileStats | None = None
+def _u64(value: int) -> pl.Expr:
+    return pl.lit(value & _MASK64, dtype=pl.UInt64)
 
 
-class AlignmentError(ValueError):
-    pass
+def _splitmix64(x: pl.Expr) -> pl.Expr:
+    """SplitMix64 finaliser in wrapping u64 arithmetic: a stable, well-mixed hash."""
+    x = x + _u64(0x9E3779B97F4A7C15)
+    x = (x.xor(x // _u64(1 << 30))) * _u64(0xBF58476D1CE4E5B9)
+    x = (x.xor(x // _u64(1 << 27))) * _u64(0x94D049BB133111EB)
+    return x.xor(x // _u64(1 << 31))
 
 
-def _scan(file: InputFile, column: str) -> pl.LazyFrame:
-    return pl.scan_lines(file.path, name=column, row_index_name="line", row_index_offset=1)
+def split_expr(file: InputFile, cfg: CleanConfig) -> pl.Expr:
+    """The split of each row of `file`: its own, or by position or stable hash of the line."""
+    if file.split is not None:
+        return pl.lit(file.split)
+    train_frac = 1 - cfg.valid_fraction - cfg.test_fraction
+    if cfg.split_method == "hash":
+        salt = (zlib.crc32(file.url.encode()) << 32) ^ cfg.split_seed
+        bucket = _splitmix64(pl.col("line").cast(pl.UInt64) + _u64(salt)) % _u64(1_000_000)
+        u = bucket.cast(pl.Float64) / 1_000_000
+        train_end, valid_end = pl.lit(train_frac), pl.lit(1 - cfg.test_fraction)
+    else:
+        first = 2 if file.format == "tsv" and file.columns is None else 1
+        n = line_count(file.path) - first + 1
+        u = pl.col("line") - first
+        train_end, valid_end = round(n * train_frac), round(n * (1 - cfg.test_fraction))
+    return (
+        pl.when(u < train_end)
+        .then(pl.lit("train"))
+        .when(u < valid_end)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("test"))
+    )
 
 
-def _line_count(file: InputFile) -> int:
-    return pl.scan_lines(file.path).select(pl.len()).collect().item()
+def _where(pattern: str, transform: Callable[[pl.Series], pl.Series]) -> Callable:
+    """A batch function applying `transform` only to the values that match `pattern`.
+
+    Most segments need no fixing (ASCII is already NFC, few have entities or stray
+    whitespace); a cheap `contains` scan skips them, which makes cleaning several times faster.
+    """
+
+    def run(values: pl.Series) -> pl.Series:
+        hits = values.str.contains(pattern).fill_null(False)
+        if not hits.any():
+            return values
+        index = hits.arg_true()
+        fixed = transform(values.gather(index))
+        return values.clone().scatter(index, fixed)
+
+    return run
 
 
-def _normalise(column: str, cfg: CleanConfig) -> pl.Expr:
-    expr = pl.col(column)
+def _unescape_html(values: pl.Series) -> pl.Series:
+    # Python's html.unescape knows every HTML5 entity; it only sees segments that have one.
+    return pl.Series([html.unescape(v) for v in values.to_list()], dtype=pl.String)
+
+
+def normalisation_steps(cfg: CleanConfig) -> list[tuple[str, str, Callable]]:
+    """(rule name, pattern of the segments it may change, transform), in order of application."""
+    steps: list[tuple[str, str, Callable[[pl.Series], pl.Series]]] = []
+    if cfg.unescape_html:
+        steps.append(("html_entities", _ENTITY, _unescape_html))
     if cfg.unicode_normalization:
-        expr = expr.str.normalize(cfg.unicode_normalization)
-    # Control characters become spaces, then runs of whitespace collapse to one space.
-    expr = expr.str.replace_all(r"[\p{Cc}\p{Cf}&&[^\t]]", " ").str.replace_all(r"\s+", " ")
-    return expr.str.strip_chars()
+        form = cfg.unicode_normalization
+        steps.append((f"unicode_{form.lower()}", r"[^\x00-\x7F]", lambda s: s.str.normalize(form)))
+    if cfg.remove_control_chars:
+        # Cc (except tab) become spaces; Cf go, except ZWNJ/ZWJ that some scripts need.
+        cc, cf = r"[\p{Cc}&&[^\t]]", r"[\p{Cf}&&[^\x{200C}\x{200D}]]"
+        steps.append(
+            (
+                "control_chars",
+                f"{cc}|{cf}",
+                lambda s: s.str.replace_all(cc, " ").str.replace_all(cf, ""),
+            )
+        )
+    if cfg.normalize_whitespace:
+        steps.append(
+            (
+                "whitespace",
+                r"^\s|\s$|\s\s|[^\S ]",
+                lambda s: s.str.replace_all(r"\s+", " ").str.strip_chars(),
+            )
+        )
+    return steps
 
 
-def _monolingual_frame(files: list[InputFile], cfg: CleanConfig) -> pl.LazyFrame:
-    frames = []
-    for file in files:
-        lf = _scan(file, "text").with_columns(source_file=pl.lit(file.url))
-        if file.split is not None:
-            split = pl.lit(file.split)
+def _normalise(lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig) -> pl.LazyFrame:
+    for name, pattern, transform in normalisation_steps(cfg):
+        step = _where(pattern, transform)
+        lf = lf.with_columns(
+            **{
+                f"_new_{c}": pl.col(c).map_batches(step, pl.String, is_elementwise=True)
+                for c in columns
+            }
+        )
+        changed = pl.any_horizontal([pl.col(f"_new_{c}") != pl.col(c) for c in columns])
+        lf = (
+            lf.with_columns(changed.alias(f"_fix_{name}"))
+            .drop(columns)
+            .rename({f"_new_{c}": c for c in columns})
+        )
+    return lf
+
+
+def _measure(columns: list[str], cfg: CleanConfig) -> dict[str, pl.Expr]:
+    """Per-segment sizes: characters, words, letters (stored, so the report reuses them)."""
+    # With whitespace normalised, spaces are single " ": counting them is a fast literal scan.
+    sizes = {}
+    for c in columns:
+        if cfg.normalize_whitespace:
+            spaces = pl.col(c).str.count_matches(" ", literal=True)
         else:
-            # Deterministic split by position: first (1 - v - t) train, then valid, then test.
-            n = _line_count(file)
-            train_end = round(n * (1 - cfg.valid_fraction - cfg.test_fraction))
-            valid_end = round(n * (1 - cfg.test_fraction))
-            split = (
-                pl.when(pl.col("line") <= train_end)
-                .then(pl.lit("train"))
-                .when(pl.col("line") <= valid_end)
-                .then(pl.lit("valid"))
-                .otherwise(pl.lit("test"))
-            )
-        frames.append(lf.with_columns(split=split))
-    return pl.concat(frames).with_columns(text=_normalise("text", cfg))
-
-
-def _parallel_frame(
-    files: list[InputFile], src_lang: str, tgt_lang: str, cfg: CleanConfig
-) -> pl.LazyFrame:
-    frames = []
-    for split in SPLITS:
-        src = [f for f in files if f.split == split and f.lang == src_lang]
-        tgt = [f for f in files if f.split == split and f.lang == tgt_lang]
-        if not src and not tgt:
-            continue
-        if len(src) != 1 or len(tgt) != 1:
-            raise AlignmentError(
-                f"split {split!r} needs exactly one {src_lang} and one {tgt_lang} file, "
-                f"got {len(src)} and {len(tgt)}"
-            )
-        s, t = src[0], tgt[0]
-        ns, nt = _line_count(s), _line_count(t)
-        if ns != nt:
-            raise AlignmentError(
-                f"aligned files differ in length: {s.url} has {ns} lines, {t.url} has {nt}"
-            )
-        pair = _scan(s, "src").join(_scan(t, "tgt"), on="line", how="inner", maintain_order="left")
-        frames.append(pair.with_columns(split=pl.lit(split), source_file=pl.lit(s.url)))
-    return pl.concat(frames).with_columns(src=_normalise("src", cfg), tgt=_normalise("tgt", cfg))
+            spaces = pl.col(c).str.count_matches(r"\s")
+        chars = pl.col(c).str.len_chars()
+        sizes[f"_chars_{c}"] = chars
+        sizes[f"_words_{c}"] = (
+            pl.when(chars == 0).then(0).otherwise(spaces + 1)
+            if cfg.normalize_whitespace
+            else pl.col(c).str.count_matches(r"\S+")
+        ).cast(pl.Int64)
+        # Letters among non-space characters: count the (few) non-letter, non-space ones.
+        others = pl.col(c).str.count_matches(r"[^\p{L}\s]")
+        non_space = chars - spaces
+        sizes[f"_letters_{c}"] = (non_space - others) / non_space.clip(lower_bound=1)
+    return sizes
 
 
 def _drop_reason(columns: list[str], cfg: CleanConfig, parallel: bool) -> pl.Expr:
-    """Name of the first rule a row fails, or null when it is kept."""
-    is_train = pl.col("split") == "train"
-    chars = [pl.col(c).str.len_chars() for c in columns]
-    words = [pl.col(c).str.count_matches(r"\S+") for c in columns]
+    """Name of the first rule a row fails, or null when it is kept (needs `_measure` columns)."""
+    filtered = pl.col("split").is_in(cfg.filter_splits)
+    chars = [pl.col(f"_chars_{c}") for c in columns]
+    words = [pl.col(f"_words_{c}") for c in columns]
     rules: list[tuple[str, pl.Expr]] = [
+        ("malformed", pl.col("_malformed")),
         ("empty", pl.any_horizontal([n == 0 for n in chars])),
-        ("too_short", is_train & pl.any_horizontal([n < cfg.min_chars for n in chars])),
-        ("too_long_chars", is_train & pl.any_horizontal([n > cfg.max_chars for n in chars])),
-        ("too_long_words", is_train & pl.any_horizontal([n > cfg.max_words for n in words])),
+        ("too_few_chars", pl.any_horizontal([n < cfg.min_chars for n in chars])),
+        ("too_many_chars", pl.any_horizontal([n > cfg.max_chars for n in chars])),
+        ("too_few_words", pl.any_horizontal([n < cfg.min_words for n in words])),
+        ("too_many_words", pl.any_horizontal([n > cfg.max_words for n in words])),
     ]
     if parallel and cfg.max_length_ratio is not None:
         ratio = pl.max_horizontal(chars) / pl.min_horizontal(chars).clip(lower_bound=1)
-        rules.append(("length_ratio", is_train & (ratio > cfg.max_length_ratio)))
-    if parallel:
-        rules.append(("identical_src_tgt", is_train & (pl.col("src") == pl.col("tgt"))))
+        rules.append(("length_ratio", ratio > cfg.max_length_ratio))
+    if cfg.min_letter_fraction is not None:
+        low = [pl.col(f"_letters_{c}") < cfg.min_letter_fraction for c in columns]
+        rules.append(("mostly_non_letters", pl.any_horizontal(low)))
+    if parallel and cfg.drop_identical:
+        rules.append(("identical_src_tgt", pl.col("src") == pl.col("tgt")))
     reason = pl.lit(None, dtype=pl.String)
     for name, failed in reversed(rules):
-        reason = pl.when(failed).then(pl.lit(name)).otherwise(reason)
+        always = name in ("malformed", "empty")
+        reason = (
+            pl.when(failed if always else filtered & failed).then(pl.lit(name)).otherwise(reason)
+        )
     return reason
 
 
-def _mark_duplicates(lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig) -> pl.LazyFrame:
-    """Mark exact duplicates within a split and train rows that also occur in valid/test."""
-    key = pl.concat_str([pl.col(c) for c in columns], separator="\x1f")
-    lf = lf.with_columns(_key=key)
+def _first_pass(
+    units: list[tuple[InputFile, pl.LazyFrame]], columns: list[str], cfg: CleanConfig
+) -> pl.LazyFrame:
+    parallel = len(columns) == 2
+    frames = []
+    for index, (file, lf) in enumerate(units):
+        frames.append(
+            lf.select("line", "source_file", "_malformed", *columns).with_columns(
+                split=split_expr(file, cfg),
+                # A unique, ordered row number across files: keeps the first of duplicates.
+                _row=pl.lit(index, dtype=pl.Int64) * (1 << 40) + pl.col("line"),
+            )
+        )
+    lf = _normalise(pl.concat(frames), columns, cfg).with_columns(**_measure(columns, cfg))
+    key = pl.concat_str([pl.col(c) for c in columns], separator="\x1f").hash(seed=0)
+    return lf.with_columns(
+        drop_reason=_drop_reason(columns, cfg, parallel),
+        _key=key,
+        # Overlap with valid/test is judged on the source side: a test source seen in training
+        # leaks the test set, whatever its translation.
+        _eval_key=pl.col(columns[0]).hash(seed=0) if parallel else key,
+    )
+
+
+def _mark_overlap_and_duplicates(stage: pl.LazyFrame, cfg: CleanConfig) -> pl.LazyFrame:
     alive = pl.col("drop_reason").is_null()
+    marks = []
     if cfg.remove_eval_overlap:
-        in_eval = (
-            lf.filter((pl.col("split") != "train") & alive)
-            .select("_key")
+        eval_keys = (
+            stage.filter(alive & (pl.col("split") != "train"))
+            .select("_eval_key")
             .unique()
             .with_columns(_in_eval=pl.lit(True))
         )
-        lf = lf.join(in_eval, on="_key", how="left", maintain_order="left").with_columns(
-            drop_reason=pl.when(alive & (pl.col("split") == "train") & pl.col("_in_eval"))
-            .then(pl.lit("overlaps_eval"))
-            .otherwise(pl.col("drop_reason"))
+        stage = stage.join(eval_keys, on="_eval_key", how="left", maintain_order="left")
+        marks.append(
+            pl.when((pl.col("split") == "train") & pl.col("_in_eval")).then(pl.lit("overlaps_eval"))
         )
     if cfg.deduplicate:
-        first = pl.int_range(pl.len()).over(["split", "_key", "drop_reason"]) == 0
-        lf = lf.with_columns(
-            drop_reason=pl.when(alive & (pl.col("split") == "train") & ~first)
-            .then(pl.lit("duplicate"))
-            .otherwise(pl.col("drop_reason"))
+        firsts = (
+            stage.filter(alive & pl.col("split").is_in(cfg.filter_splits))
+            .group_by("split", "_key")
+            .agg(_first=pl.col("_row").min())
         )
-    return lf.drop("_key", "_in_eval", strict=False)
+        stage = stage.join(firsts, on=["split", "_key"], how="left", maintain_order="left")
+        marks.append(
+            pl.when(pl.col("_first").is_not_null() & (pl.col("_row") != pl.col("_first"))).then(
+                pl.lit("duplicate")
+            )
+        )
+    return stage.with_columns(drop_reason=pl.coalesce("drop_reason", *marks))
 
 
 def clean_corpus(
@@ -177,142 +276,65 @@ def clean_corpus(
     """Clean `files` into `out_dir/corpus.parquet`; return its path and the quality report."""
     parallel = kind == "parallel"
     columns = ["src", "tgt"] if parallel else ["text"]
-    if parallel:
-        lf = _parallel_frame(files, src_lang or "", tgt_lang or "", cfg)
-    else:
-        lf = _monolingual_frame(files, cfg)
-    lf = lf.with_columns(drop_reason=_drop_reason(columns, cfg, parallel))
-    lf = _mark_duplicates(lf, columns, cfg)
-
     schema = PARALLEL_SCHEMA if parallel else MONOLINGUAL_SCHEMA
-    kept = (
-        lf.filter(pl.col("drop_reason").is_null())
-        .with_row_index("id")
-        .select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
-    )
+    units = scan_corpus(files, kind, src_lang, tgt_lang)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "corpus.parquet"
+    stage_path = out_dir / f".stage.parquet.tmp{os.getpid()}"
     tmp = out_dir / f".corpus.parquet.tmp{os.getpid()}"
-    counts = lf.group_by("split", "drop_reason").agg(pl.len().alias("rows"))
-    examples = (
-        lf.filter(pl.col("drop_reason").is_not_null())
-        .group_by("drop_reason", maintain_order=True)
-        .agg(
-            pl.struct("split", "source_file", "line", *columns)
-            .head(EXAMPLES_PER_RULE)
-            .alias("examples")
-        )
-    )
-    length_column = "tgt" if parallel else "text"
-    lengths = (
-        lf.filter(pl.col("drop_reason").is_null())
-        .with_columns(chars=pl.col(length_column).str.len_chars())
-        .group_by("split")
-        .agg(
-            pl.col("chars").mean().alias("mean"),
-            *[pl.col("chars").quantile(q).alias(f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99)],
-            pl.col("chars").max().alias("max"),
-        )
-    )
+    fixes = [f"_fix_{name}" for name, _, _ in normalisation_steps(cfg)]
     try:
-        _, counts_df, examples_df, lengths_df = pl.collect_all(
-            [kept.sink_parquet(tmp, compression="zstd", lazy=True), counts, examples, lengths],
-            engine="streaming",
-        )
+        _first_pass(units, columns, cfg).sink_parquet(stage_path, compression="lz4")
+        lf = _mark_overlap_and_duplicates(pl.scan_parquet(stage_path), cfg)
+        kept = lf.filter(pl.col("drop_reason").is_null())
+        queries = [
+            kept.with_row_index("id")
+            .select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+            .sink_parquet(tmp, compression="zstd", lazy=True),
+            lf.group_by("split", "drop_reason").agg(rows=pl.len()),
+            lf.filter(pl.col("drop_reason").is_not_null())
+            .group_by("drop_reason")
+            .agg(
+                pl.struct("split", "source_file", "line", *columns)
+                .sort_by("_row")
+                .head(EXAMPLES_PER_RULE)
+                .alias("examples")
+            ),
+            lf.group_by("split").agg(pl.col(fixes).sum()) if fixes else pl.LazyFrame(),
+            kept.group_by("split").agg(*_length_aggs(columns)),
+        ]
+        _, counts, examples, fixed, lengths = pl.collect_all(queries, engine="streaming")
+        report = build_report(files, counts, examples, fixed, lengths, columns, cfg)
+        malformed = report["dropped"].get("malformed")
+        if malformed and cfg.on_malformed == "error":
+            where = "; ".join(
+                f"{ex['source_file']} line {ex['line']}: {str(ex[columns[0]])[:80]!r}"
+                for ex in report["examples"]["malformed"]
+            )
+            raise CorpusFormatError(
+                f"{sum(malformed.values())} malformed row(s) (a tsv row with the wrong number of "
+                f"fields, or a jsonl line that is not an object with the configured keys): "
+                f"{where}. Fix the file or set clean.on_malformed: drop"
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    report = _report(files, counts_df, examples_df, lengths_df, cfg)
+        stage_path.unlink(missing_ok=True)
     return target, report
 
 
-def _report(
-    files: list[InputFile],
-    counts: pl.DataFrame,
-    examples: pl.DataFrame,
-    lengths: pl.DataFrame,
-    cfg: CleanConfig,
-) -> dict:
-    rows_in = {s: 0 for s in SPLITS}
-    rows_out = {s: 0 for s in SPLITS}
-    dropped: dict[str, dict[str, int]] = {}
-    for split, reason, rows in counts.iter_rows():
-        rows_in[split] += rows
-        if reason is None:
-            rows_out[split] += rows
-        else:
-            dropped.setdefault(reason, {}).setdefault(split, 0)
-            dropped[reason][split] += rows
-    return {
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "dropped": dropped,
-        "examples": {r: ex for r, ex in examples.iter_rows()},
-        "length_chars": {row["split"]: row for row in lengths.iter_rows(named=True)},
-        "input_files": [
-            {
-                "url": f.url,
-                "split": f.split,
-                "lang": f.lang,
-                **(f.stats.__dict__ if f.stats else {}),
-            }
-            for f in files
-        ],
-        "rules": cfg.model_dump(),
-    }
-
-
-def report_markdown(report: dict) -> str:
-    """The quality report as a Markdown summary (for MLflow and the Prefect UI)."""
-    lines = ["# Cleaning report", "", "| split | rows in | rows out |", "|---|---:|---:|"]
-    for split in SPLITS:
-        if report["rows_in"][split]:
-            lines.append(f"| {split} | {report['rows_in'][split]} | {report['rows_out'][split]} |")
-    lines += ["", "## Dropped rows by rule", ""]
-    if not report["dropped"]:
-        lines.append("No rows dropped.")
-    for reason, per_split in sorted(report["dropped"].items()):
-        total = sum(per_split.values())
-        lines.append(
-            f"- **{reason}**: {total} ({', '.join(f'{s}: {n}' for s, n in per_split.items())})"
-        )
-        for ex in report["examples"].get(reason, []):
-            text = " ||| ".join(str(ex[c]) for c in ("text", "src", "tgt") if c in ex)
-            lines.append(
-                f"  - `{ex['source_file'].rsplit('/', 1)[-1]}:{ex['line']}` {text[:120]!r}"
-            )
-    lines += [
-        "",
-        "## Input fixes",
-        "",
-        "| file | lines | BOM | CRLF | NUL | invalid UTF-8 lines |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for f in report["input_files"]:
-        name = f["url"].rsplit("/", 1)[-1]
-        counts = [f.get(k, "") for k in ("lines", "bom_removed", "crlf_fixed", "nul_removed")]
-        counts.append(f.get("invalid_utf8_lines", ""))
-        lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
-    lines += [
-        "",
-        "## Segment length in characters (kept rows)",
-        "",
-        "| split | mean | p50 | p90 | p99 | max |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for split, s in sorted(report["length_chars"].items()):
-        quantiles = " | ".join(f"{s[q]:.0f}" for q in ("p50", "p90", "p99"))
-        lines.append(f"| {split} | {s['mean']:.1f} | {quantiles} | {s['max']} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    json_path, md_path = out_dir / "clean_report.json", out_dir / "clean_report.md"
-    for path, text in (
-        (json_path, json.dumps(report, indent=2, default=str)),
-        (md_path, report_markdown(report)),
-    ):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    return json_path, md_path
+def _length_aggs(columns: list[str]) -> list[pl.Expr]:
+    aggs = []
+    for c in columns:
+        for unit in ("chars", "words"):
+            size, prefix = pl.col(f"_{unit}_{c}"), f"{c}_{unit}"
+            aggs += [
+                size.mean().alias(f"{prefix}_mean"),
+                size.quantile(0.5).alias(f"{prefix}_p50"),
+                size.quantile(0.9).alias(f"{prefix}_p90"),
+                size.quantile(0.99).alias(f"{prefix}_p99"),
+                size.max().alias(f"{prefix}_max"),
+            ]
+            for lo, hi in zip(HISTOGRAM_EDGES[unit], HISTOGRAM_EDGES[unit][1:], strict=False):
+                aggs.append(((size >= lo) & (size < hi)).sum().alias(f"{prefix}_hist_{lo}"))
+    return aggs

@@ -17,10 +17,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from seqmodels.clean import InputFile, clean_corpus, write_report
+from seqmodels.clean import clean_corpus
+from seqmodels.clean_report import write_report
 from seqmodels.config import CleanConfig, CorpusConfig, SourceFile, VocabConfig
+from seqmodels.corpus_reader import prepare_inputs
 from seqmodels.download import TransientDownloadError, download_file
-from seqmodels.textfile import prepare_text_file, read_text_stats
 from seqmodels.vocab import train_sentencepiece
 
 CACHED = INPUTS + TASK_SOURCE
@@ -77,16 +78,7 @@ def clean_corpus_files(
     out_dir = (
         Path(work_dir) / "clean" / _short_hash(raw_paths, corpus.model_dump(), clean.model_dump())
     )
-    inputs = []
-    for raw, source in zip(raw_paths, corpus.files, strict=True):
-        digest = Path(raw).parent.name
-        name = Path(raw).name.removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz")
-        text = Path(work_dir) / "text" / f"{digest}-{corpus.max_lines or 'all'}" / name
-        if text.exists():
-            stats = read_text_stats(text)
-        else:
-            stats = prepare_text_file(Path(raw), text, max_lines=corpus.max_lines)
-        inputs.append(InputFile(text, source.url, source.split, source.lang, stats))
+    inputs = prepare_inputs([Path(p) for p in raw_paths], corpus, Path(work_dir))
     parquet, report = clean_corpus(
         inputs, out_dir, clean, corpus.kind, corpus.src_lang, corpus.tgt_lang
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,9 @@ def prefect_api(isolated_services):
 
 class FaultyMirrorHandler(http.server.SimpleHTTPRequestHandler):
     """Serves the mirror folder; `server.faults[path]` scripts failures for a path:
-    a list consumed one request at a time, each "503", "404", "drop" (send half the body then
-    close the connection) or "ok"."""
+    a list consumed one request at a time, each "503", "404", "429", "drop" (send half the body
+    then close the connection), "truncate" (a complete response holding only the first 60% of
+    the file), "slow" (wait 3 s before answering) or "ok"."""
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -72,6 +74,16 @@ class FaultyMirrorHandler(http.server.SimpleHTTPRequestHandler):
         action = plan.pop(0) if plan else "ok"
         if action in ("503", "404", "429"):
             self.send_error(int(action))
+            return
+        if action == "slow":
+            time.sleep(3)
+        if action == "truncate":
+            data = Path(self.translate_path(self.path)).read_bytes()
+            data = data[: len(data) * 6 // 10]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
             return
         if action == "drop":
             path = Path(self.translate_path(self.path))

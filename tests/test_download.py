@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
+from seqmodels.config import SourceFile
 from seqmodels.download import (
     ChecksumMismatchError,
     DownloadError,
@@ -13,7 +15,8 @@ from seqmodels.download import (
     download_file,
     mirror_candidates,
 )
-from tests.conftest import SHAKESPEARE_SHA256, SHAKESPEARE_URL
+from seqmodels.textfile import CorruptInputError, prepare_text_file
+from tests.conftest import MULTI30K, SHAKESPEARE_SHA256, SHAKESPEARE_URL
 
 SHAKESPEARE_PATH = "/" + SHAKESPEARE_URL.removeprefix("https://")
 
@@ -91,3 +94,70 @@ def test_unpinned_file_is_cached_under_its_digest_with_a_warning(mirror, tmp_pat
 def test_unsupported_scheme_is_refused(tmp_path):
     with pytest.raises(DownloadError, match="unsupported URL scheme"):
         download_file("ftp://example.org/a.txt", None, tmp_path)
+
+
+@pytest.mark.parametrize("fault", ["429", "slow"])
+def test_rate_limit_and_timeout_are_transient(http_mirror, tmp_path, fault):
+    base, server = http_mirror
+    server.faults[SHAKESPEARE_PATH] = [fault]
+    url = base + SHAKESPEARE_PATH
+    with pytest.raises(TransientDownloadError):
+        download_file(url, SHAKESPEARE_SHA256, tmp_path, timeout=1)
+    assert download_file(url, SHAKESPEARE_SHA256, tmp_path, timeout=10).is_file()
+
+
+def test_truncated_gzip_served_whole_is_caught_when_the_text_is_prepared(http_mirror, tmp_path):
+    """An unpinned archive that arrives truncated downloads fine (its digest is new), but the
+    text stage refuses it by name and leaves nothing behind."""
+    base, server = http_mirror
+    path = MULTI30K.removeprefix("https:/") + "val.de.gz"
+    server.faults[path] = ["truncate"]
+    raw = download_file(base + path, None, tmp_path / "cache")
+    with pytest.raises(CorruptInputError, match="val.de.gz"):
+        prepare_text_file(raw, tmp_path / "text" / "val.de")
+    assert not (tmp_path / "text" / "val.de").exists()
+
+
+def _download_in_flow(source: SourceFile, cache_dir, delays: int = 0):
+    """Run the real Prefect download task (with its retry policy, delays shortened)."""
+    from prefect import flow
+
+    from tasks.data import download_corpus_file
+
+    @flow
+    def fetch():
+        task = download_corpus_file.with_options(retry_delay_seconds=delays)
+        state = task(source, [], str(cache_dir), "test-workspace", return_state=True)
+        # Plain values: a flow that returns a failed state would fail itself.
+        return state.type.value, state.result(raise_on_failure=False)
+
+    return fetch()
+
+
+def test_prefect_retries_transient_failures_until_the_download_succeeds(
+    prefect_api, http_mirror, tmp_path
+):
+    base, server = http_mirror
+    server.faults[SHAKESPEARE_PATH] = ["503", "drop"]
+    source = SourceFile(url=base + SHAKESPEARE_PATH, sha256=SHAKESPEARE_SHA256)
+    outcome, path = _download_in_flow(source, tmp_path)
+    assert outcome == "COMPLETED"
+    assert Path(path).stat().st_size == 1_115_394
+    # 503, then half the body, then a Range request for the rest.
+    assert [r[1] for r in server.requests] == [None, None, f"bytes={1_115_394 // 2}-"]
+
+
+@pytest.mark.parametrize("problem", ["404", "checksum"])
+def test_prefect_does_not_retry_a_missing_file_or_a_checksum_mismatch(
+    prefect_api, http_mirror, tmp_path, problem
+):
+    base, server = http_mirror
+    if problem == "404":
+        source = SourceFile(url=base + "/nothing/here.txt", sha256=SHAKESPEARE_SHA256)
+    else:
+        source = SourceFile(url=base + SHAKESPEARE_PATH, sha256="0" * 64)
+    outcome, error = _download_in_flow(source, tmp_path)
+    assert outcome == "FAILED"
+    assert "not found" in str(error) if problem == "404" else "checksum mismatch" in str(error)
+    assert len(server.requests) == 1
+    assert not list(tmp_path.rglob("*.txt"))

@@ -14,9 +14,8 @@ from seqmodels.clean import (
     AlignmentError,
     InputFile,
     clean_corpus,
-    report_markdown,
-    write_report,
 )
+from seqmodels.clean_report import report_markdown, write_report
 from seqmodels.config import CleanConfig
 from seqmodels.textfile import CorruptInputError, prepare_text_file
 

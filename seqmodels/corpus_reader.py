@@ -1,0 +1,199 @@
+"""Read prepared corpus files into lazy Polars frames that all share one shape.
+
+Formats (after `textfile.prepare_text_file` made them UTF-8 with LF line ends):
+- text: one segment per line; a parallel corpus pairs two line-aligned files (Moses style);
+- tsv: tab-separated fields without quoting (OPUS/Moses TSV); the first row is the header
+  unless the config names the columns;
+- jsonl: one JSON object per line; `fields` names the keys.
+
+Every frame has `line` (1-based line number in its file), `source_file` (the URL), the segment
+columns (`text`, or `src` and `tgt`) and `_malformed`: true for a non-blank tsv/jsonl line
+that lacks a field, so the cleaner can report it by file and line instead of failing deep in
+Polars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from seqmodels.archive import extract_member
+from seqmodels.config import CorpusConfig
+from seqmodels.textfile import TextFileStats, prepare_text_file, read_text_stats
+
+
+@dataclass
+class InputFile:
+    """A prepared (UTF-8, LF) corpus file and what the config says about it."""
+
+    path: Path
+    url: str
+    split: str | None = None
+    lang: str | None = None
+    stats: TextFileStats | None = None
+    format: str = "text"
+    fields: dict[str, str] = field(default_factory=dict)
+    columns: list[str] | None = None
+    sha256: str | None = None
+
+
+class AlignmentError(ValueError):
+    """Line-aligned files that do not line up, or a split without both sides."""
+
+
+class CorpusFormatError(ValueError):
+    """A tsv/jsonl file whose header or fields do not match the config."""
+
+
+def prepare_inputs(raw_paths: list[Path], corpus: CorpusConfig, work_dir: Path) -> list[InputFile]:
+    """Extract (archives), decompress and normalise each downloaded file once.
+
+    `raw_paths` are the cache paths of `corpus.files`, `cache/<sha256>/<name>`. Prepared
+    text goes to `work_dir/text/<sha256>-<member>-<max_lines>/`, so it is shared by runs.
+    """
+    inputs = []
+    for raw, source in zip(raw_paths, corpus.files, strict=True):
+        raw = Path(raw)
+        digest = raw.parent.name
+        folder = Path(work_dir) / "text" / f"{digest}-{corpus.max_lines or 'all'}"
+        if source.member:
+            member = Path(source.member)
+            folder = folder.with_name(folder.name + "-" + source.member.replace("/", "_"))
+            extracted = folder / "member" / member.name
+            if not extracted.exists():
+                extract_member(raw, source.member, extracted)
+            raw, name = extracted, member.name
+        else:
+            name = raw.name
+        for suffix in (".gz", ".bz2", ".xz"):
+            name = name.removesuffix(suffix)
+        text = folder / name
+        if text.exists():
+            stats = read_text_stats(text)
+        else:
+            stats = prepare_text_file(raw, text, max_lines=corpus.max_lines)
+        inputs.append(
+            InputFile(
+                text,
+                source.url,
+                source.split,
+                source.lang,
+                stats,
+                source.format,
+                dict(source.fields),
+                source.columns,
+                digest,
+            )
+        )
+    return inputs
+
+
+def line_count(path: Path) -> int:
+    return pl.scan_lines(path).select(pl.len()).collect().item()
+
+
+def _scan_lines(path: Path, name: str) -> pl.LazyFrame:
+    return pl.scan_lines(path, name=name, row_index_name="line", row_index_offset=1).with_columns(
+        pl.col("line").cast(pl.Int64)
+    )
+
+
+def _tsv_frame(file: InputFile, roles: dict[str, str]) -> pl.LazyFrame:
+    """`roles` maps output column -> tsv column name."""
+    columns, first_data_line = file.columns, 1
+    if columns is None:
+        with open(file.path, encoding="utf-8") as f:
+            columns = f.readline().rstrip("\n").split("\t")
+        first_data_line = 2
+    missing = [c for c in roles.values() if c not in columns]
+    if missing:
+        raise CorpusFormatError(
+            f"{file.url}: columns {missing} not in the tsv header {columns} "
+            "(set `columns:` if the file has no header row)"
+        )
+    parts = pl.col("_raw").str.split("\t")
+    lf = _scan_lines(file.path, "_raw").filter(pl.col("line") >= first_data_line)
+    lf = lf.with_columns(
+        _malformed=(parts.list.len() != len(columns)) & (pl.col("_raw").str.strip_chars() != ""),
+        **{
+            out: parts.list.get(columns.index(name), null_on_oob=True)
+            for out, name in roles.items()
+        },
+    )
+    return _fill_malformed(lf, roles)
+
+
+def _jsonl_frame(file: InputFile, roles: dict[str, str]) -> pl.LazyFrame:
+    def path_of(key: str) -> str:
+        return "$['" + key.replace("\\", "\\\\").replace("'", "\\'") + "']"
+
+    lf = _scan_lines(file.path, "_raw").with_columns(
+        **{out: pl.col("_raw").str.json_path_match(path_of(key)) for out, key in roles.items()}
+    )
+    missing_field = pl.any_horizontal([pl.col(out).is_null() for out in roles])
+    lf = lf.with_columns(_malformed=missing_field & (pl.col("_raw").str.strip_chars() != ""))
+    return _fill_malformed(lf, roles)
+
+
+def _fill_malformed(lf: pl.LazyFrame, roles: dict[str, str]) -> pl.LazyFrame:
+    # A malformed row keeps its raw line in every segment column, so the report can show it;
+    # a blank line becomes empty segments (dropped as `empty`).
+    return lf.with_columns(
+        **{
+            out: pl.when(pl.col("_malformed"))
+            .then(pl.col("_raw"))
+            .otherwise(pl.col(out).fill_null(""))
+            for out in roles
+        }
+    ).drop("_raw")
+
+
+def scan_file(file: InputFile, roles: dict[str, str]) -> pl.LazyFrame:
+    """One tsv/jsonl/text file as a frame with the columns named in `roles`."""
+    if file.format == "tsv":
+        lf = _tsv_frame(file, roles)
+    elif file.format == "jsonl":
+        lf = _jsonl_frame(file, roles)
+    else:
+        (out,) = roles
+        lf = _scan_lines(file.path, out).with_columns(_malformed=pl.lit(False))
+    return lf.with_columns(source_file=pl.lit(file.url))
+
+
+def scan_text_pair(src: InputFile, tgt: InputFile) -> pl.LazyFrame:
+    """Two line-aligned text files as one frame of (src, tgt) pairs."""
+    n_src, n_tgt = line_count(src.path), line_count(tgt.path)
+    if n_src != n_tgt:
+        raise AlignmentError(
+            f"aligned files differ in length: {src.url} has {n_src} lines, {tgt.url} has {n_tgt}"
+        )
+    pair = _scan_lines(src.path, "src").join(
+        _scan_lines(tgt.path, "tgt"), on="line", how="inner", maintain_order="left"
+    )
+    return pair.with_columns(_malformed=pl.lit(False), source_file=pl.lit(src.url))
+
+
+def scan_corpus(
+    files: list[InputFile], kind: str, src_lang: str | None = None, tgt_lang: str | None = None
+) -> list[tuple[InputFile, pl.LazyFrame]]:
+    """Every segment source of the corpus with the file that names its split and lines."""
+    if kind != "parallel":
+        return [(f, scan_file(f, {"text": f.fields.get("text", "")})) for f in files]
+    units = []
+    for f in files:
+        if f.format != "text":
+            roles = {"src": f.fields[src_lang or ""], "tgt": f.fields[tgt_lang or ""]}
+            units.append((f, scan_file(f, roles)))
+    text_files = [f for f in files if f.format == "text"]
+    for split in dict.fromkeys(f.split for f in text_files):
+        src = [f for f in text_files if f.split == split and f.lang == src_lang]
+        tgt = [f for f in text_files if f.split == split and f.lang == tgt_lang]
+        if len(src) != 1 or len(tgt) != 1:
+            raise AlignmentError(
+                f"split {split or 'unsplit'!r} needs exactly one {src_lang} and one {tgt_lang} "
+                f"file, got {len(src)} and {len(tgt)}"
+            )
+        units.append((src[0], scan_text_pair(src[0], tgt[0])))
+    return units
