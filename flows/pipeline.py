@@ -13,11 +13,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.transactions import transaction
 
 from seqmodels.config import load_config
 from tasks.data import clean_corpus_files, download_corpus_file, train_vocabulary, workspace_id
 from tasks.modeling import evaluate_model_run, train_model_run
-from tasks.registry import CHAMPION, register_model_version
+from tasks.promotion import CHAMPION, promote_if_better
+from tasks.registry import register_model_version
 from tasks.tracking import (
     code_commit,
     experiment_id,
@@ -88,19 +90,34 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
                 exp_id,
                 parent_id,
             )
-            metrics = evaluate_model_run(model_name, trained, exp, data["parquet"], tracking_uri)
-            registered = register_model_version(
-                experiment,
-                model_name,
-                trained,
-                metrics,
-                exp.task,
-                exp.primary_metric,
-                exp.higher_is_better,
-                tracking_uri,
-                {**lineage, "model_type": spec.type},
-            )
-            logger.info(registered["decision"])
+            # Evaluation, registration and promotion succeed or fail together: a failure
+            # rolls back the aliases and deletes the half-registered version.
+            with transaction():
+                evaluated = evaluate_model_run(
+                    model_name, trained, exp, data["parquet"], tracking_uri
+                )
+                registered = register_model_version(
+                    experiment,
+                    model_name,
+                    trained,
+                    exp.task,
+                    tracking_uri,
+                    {**lineage, "model_type": spec.type},
+                    data["parquet"],
+                )
+                promotion = promote_if_better(
+                    experiment,
+                    registered["version"],
+                    model_name,
+                    trained["run_id"],
+                    evaluated["outputs_path"],
+                    exp,
+                    data["parquet"],
+                    tracking_uri,
+                )
+            client.set_terminated(trained["run_id"], status="FINISHED")
+            metrics = evaluated["metrics"]
+            logger.info(promotion["decision"])
             rows.append(
                 {
                     "experiment": experiment,

@@ -176,6 +176,9 @@ class EvaluationConfig(_Strict):
     sample_prompts: list[str] = ["ROMEO:"]  # LM samples logged as artefacts
     sample_tokens: int = 60
     num_samples: int = 5  # MT: translations shown as samples
+    # Promotion: a challenger must beat the champion with a paired bootstrap p below this.
+    significance_level: float = Field(default=0.05, gt=0.0, le=1.0)
+    bootstrap_samples: int = Field(default=1000, ge=100)
 
 
 class ExperimentConfig(_Strict):

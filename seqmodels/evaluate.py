@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from seqmodels.config import ExperimentConfig
 from seqmodels.data import read_split
 from seqmodels.metrics import language_model_metrics, translation_metrics
 from seqmodels.predictor import load_predictor
+from seqmodels.significance import bits_per_char_interval, bleu_interval
 
 
 @dataclass
@@ -16,20 +20,49 @@ class EvaluationResult:
     metrics: dict[str, float]
     signatures: dict[str, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)  # MT: hypotheses; LM: samples
+    references: list[str] = field(default_factory=list)  # MT: the raw test references
+    line_nll: list[float] = field(default_factory=list)  # LM: nats per test line (+ its end)
+    line_chars: list[int] = field(default_factory=list)  # LM: characters per line (+ 1)
+    test_digest: str = ""  # sha256 of the test text: paired tests need the same test set
+
+
+def test_set_digest(columns: list[list[str]]) -> str:
+    digest = hashlib.sha256()
+    for column in columns:
+        for line in column:
+            digest.update(line.encode("utf-8") + b"\n")
+        digest.update(b"\x00")
+    return digest.hexdigest()
 
 
 def evaluate_model(
     model_dir: Path, parquet: Path, experiment: ExperimentConfig
 ) -> EvaluationResult:
-    predictor = load_predictor(model_dir)
+    return evaluate_predictor(load_predictor(model_dir), parquet, experiment)
+
+
+def evaluate_predictor(predictor, parquet: Path, experiment: ExperimentConfig) -> EvaluationResult:
+    """Test-split metrics of a loaded predictor (see seqmodels.predictor)."""
     ev = experiment.evaluation
     if experiment.task == "translation":
         test = read_split(parquet, "test", ["src", "tgt"])
         hypotheses = predictor.translate(test["src"])
         scores, signatures = translation_metrics(hypotheses, test["tgt"])
-        return EvaluationResult(scores, signatures, hypotheses)
+        low, high = bleu_interval(hypotheses, test["tgt"], ev.bootstrap_samples)
+        scores.update(test_bleu_ci_low=low, test_bleu_ci_high=high)
+        return EvaluationResult(
+            scores,
+            signatures,
+            hypotheses,
+            references=test["tgt"],
+            test_digest=test_set_digest([test["src"], test["tgt"]]),
+        )
     lines = read_split(parquet, "test", ["text"])["text"]
-    nll, n_tokens = predictor.total_nll(lines)
+    line_nll = np.asarray(predictor.line_nll(lines), dtype=np.float64)
+    chars = np.array([len(line) + 1 for line in lines])
+    scores = language_model_metrics(float(line_nll.sum()), predictor.n_predicted(lines), lines)
+    low, high = bits_per_char_interval(line_nll, chars, ev.bootstrap_samples)
+    scores.update(test_bits_per_char_ci_low=low, test_bits_per_char_ci_high=high)
     samples = [
         prompt + continuation
         for prompt, continuation in zip(
@@ -38,4 +71,21 @@ def evaluate_model(
             strict=True,
         )
     ]
-    return EvaluationResult(language_model_metrics(nll, n_tokens, lines), outputs=samples)
+    return EvaluationResult(
+        scores,
+        outputs=samples,
+        line_nll=line_nll.tolist(),
+        line_chars=chars.tolist(),
+        test_digest=test_set_digest([lines]),
+    )
+
+
+def outputs_record(result: EvaluationResult) -> dict:
+    """What a later paired test needs from this evaluation (saved as evaluation/outputs.json)."""
+    return {
+        "test_digest": result.test_digest,
+        "hypotheses": result.outputs if result.references else [],
+        "references": result.references,
+        "line_nll": result.line_nll,
+        "line_chars": result.line_chars,
+    }

@@ -102,28 +102,36 @@ class NeuralLanguageModel:
             ids.append(EOS_ID)
         return ids
 
-    @torch.no_grad()
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
         """Natural-log NLL summed over every predicted token of the stream, and their count."""
+        nll = self.token_nll(lines)
+        return float(nll.sum()), len(nll)
+
+    def line_nll(self, lines: list[str]) -> np.ndarray:
+        """NLL (nats) of each line: its pieces plus the end-of-line event, scored in context."""
+        lengths = [len(pieces) + 1 for pieces in self.sp.encode(list(lines))]
+        return np.add.reduceat(self.token_nll(lines), np.cumsum([0, *lengths[:-1]]))
+
+    @torch.no_grad()
+    def token_nll(self, lines: list[str]) -> np.ndarray:
+        """NLL (nats) of every predicted token of the stream (all ids after the first)."""
         ids = self.stream_ids(lines)
         if isinstance(self.model, TransformerLanguageModel):
-            nll = self._nll_transformer(ids)
-        else:
-            nll = self._nll_rnn(ids)
-        return nll, len(ids) - 1
+            return self._nll_transformer(ids)
+        return self._nll_rnn(ids)
 
-    def _nll_rnn(self, ids: list[int]) -> float:
+    def _nll_rnn(self, ids: list[int]) -> np.ndarray:
         x = torch.tensor(ids, device=self.device)
-        state, total = None, 0.0
+        state, parts = None, []
         for s in range(0, len(ids) - 1, RNN_WINDOW):
             inp = x[s : s + RNN_WINDOW][None]
             tgt = x[s + 1 : s + RNN_WINDOW + 1][None]
             inp = inp[:, : tgt.size(1)]
             logits, state = self.model(inp, state)
-            total += float(F.cross_entropy(logits[0].float(), tgt[0], reduction="sum"))
-        return total
+            parts.append(F.cross_entropy(logits[0].float(), tgt[0], reduction="none").cpu())
+        return torch.cat(parts).double().numpy()
 
-    def _nll_transformer(self, ids: list[int], batch_size: int = 32) -> float:
+    def _nll_transformer(self, ids: list[int], batch_size: int = 32) -> np.ndarray:
         """Sliding windows of block_size with stride block_size // 2: each window scores
         only targets not scored before, so every token after the first window is
         predicted from at least block_size // 2 tokens of context."""
@@ -145,15 +153,16 @@ class NeuralLanguageModel:
             x[r, :n] = arr[s : s + n]
             y[r, :n] = arr[s + 1 : s + n + 1]
             keep[r, first - s : n] = True
-        total = 0.0
+        # Each target is kept in exactly one window, in stream order.
+        parts = []
         for b in range(0, len(windows), batch_size):
             xb = torch.from_numpy(x[b : b + batch_size]).to(self.device)
             yb = torch.from_numpy(y[b : b + batch_size]).to(self.device)
             kb = torch.from_numpy(keep[b : b + batch_size]).to(self.device)
             logits, _ = self.model(xb)
             nll = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
-            total += float((nll * kb.flatten()).sum())
-        return total
+            parts.append(nll[kb.flatten()].cpu())
+        return torch.cat(parts).double().numpy()
 
     def generate(
         self,

@@ -38,13 +38,17 @@ def language_model_metrics(nll_nats: float, n_tokens: int, lines: list[str]) -> 
 def translation_metrics(
     hypotheses: list[str], references: list[str]
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """sacreBLEU BLEU and chrF on detokenized text; returns (scores, signatures)."""
+    """sacreBLEU BLEU, chrF, chrF++ and TER on detokenized text; returns (scores, signatures)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    bleu = sacrebleu.metrics.BLEU()
-    chrf = sacrebleu.metrics.CHRF()
-    bleu_score = bleu.corpus_score(hypotheses, [references])
-    chrf_score = chrf.corpus_score(hypotheses, [references])
-    scores = {"test_bleu": bleu_score.score, "test_chrf": chrf_score.score}
-    signatures = {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
+    metrics = {
+        "bleu": sacrebleu.metrics.BLEU(),
+        "chrf": sacrebleu.metrics.CHRF(),
+        "chrf_pp": sacrebleu.metrics.CHRF(word_order=2),
+        "ter": sacrebleu.metrics.TER(),
+    }
+    scores, signatures = {}, {}
+    for name, metric in metrics.items():
+        scores[f"test_{name}"] = metric.corpus_score(hypotheses, [references]).score
+        signatures[name] = str(metric.get_signature())
     return scores, signatures

@@ -42,6 +42,14 @@ class LanguageModelPredictor:
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
         raise NotImplementedError
 
+    def line_nll(self, lines: list[str]) -> np.ndarray:
+        """NLL (nats) of each line of the text, end-of-line event included."""
+        raise NotImplementedError
+
+    def n_predicted(self, lines: list[str]) -> int:
+        """Tokens a model predicts on `lines`: every piece plus one end-of-line per line."""
+        return sum(len(ids) + 1 for ids in self.sp.encode(list(lines)))
+
     def perplexities(self, lines: list[str]) -> list[float]:
         """Perplexity per token of each line on its own (from a line start)."""
         out = []
@@ -56,9 +64,13 @@ class NeuralLMPredictor(LanguageModelPredictor):
         from seqmodels.inference import NeuralLanguageModel
 
         self.lm = NeuralLanguageModel(model_dir, model_dir / "spm.model", device)
+        self.sp = self.lm.sp
 
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
         return self.lm.total_nll(lines)
+
+    def line_nll(self, lines: list[str]) -> np.ndarray:
+        return self.lm.line_nll(lines)
 
     def generate(
         self,
@@ -84,6 +96,12 @@ class NgramPredictor(LanguageModelPredictor):
         return self.model.total_nll(
             [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(lines)]
         )
+
+    def line_nll(self, lines: list[str]) -> np.ndarray:
+        sentences = [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(list(lines))]
+        token_lp = self.model.sentence_logprobs(sentences)  # each sentence's tokens + </s>
+        starts = np.cumsum([0, *[len(s) + 1 for s in sentences[:-1]]])
+        return -np.add.reduceat(token_lp, starts)
 
     def generate(
         self,

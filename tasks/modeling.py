@@ -11,7 +11,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from seqmodels.config import ExperimentConfig, ModelSpec
-from seqmodels.evaluate import evaluate_model
+from seqmodels.evaluate import evaluate_model, outputs_record
 from seqmodels.recipes import train_model
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
@@ -66,8 +66,11 @@ def train_model_run(
 @task(name="evaluate", timeout_seconds=3 * 3600)
 def evaluate_model_run(
     model_name: str, trained: dict, experiment: ExperimentConfig, parquet: str, tracking_uri: str
-) -> dict[str, float]:
-    """Score the model on the test split; logs metrics, signatures and outputs to its run."""
+) -> dict:
+    """Score the model on the test split; logs metrics, signatures and outputs to its run.
+
+    Returns the metrics and the path of the outputs record a paired test needs later
+    (hypotheses and references, or per-line log-likelihoods)."""
     client = mlflow_client(tracking_uri)
     run_id = trained["run_id"]
     started = time.perf_counter()
@@ -77,21 +80,31 @@ def evaluate_model_run(
         client.log_metric(run_id, key, value)
     for key, signature in result.signatures.items():
         client.set_tag(run_id, f"sacrebleu.{key}.signature", signature)
-    with tempfile.TemporaryDirectory() as tmp:
-        outputs = Path(tmp) / (
-            "hypotheses.txt" if experiment.task == "translation" else "samples.txt"
-        )
-        outputs.write_text("\n".join(result.outputs) + "\n", encoding="utf-8")
-        client.log_artifact(run_id, str(outputs), "evaluation")
-        metrics_file = Path(tmp) / "metrics.json"
-        metrics_file.write_text(
-            json.dumps({"metrics": result.metrics, "signatures": result.signatures}, indent=2)
-        )
-        client.log_artifact(run_id, str(metrics_file), "evaluation")
+    client.set_tag(run_id, "test_set_digest", result.test_digest)
+    outputs_path = Path(trained["model_dir"]) / "evaluation" / "outputs.json"
+    outputs_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outputs_path.with_name("outputs.json.tmp")
+    tmp.write_text(json.dumps(outputs_record(result)), encoding="utf-8")
+    tmp.replace(outputs_path)
+    client.log_artifact(run_id, str(outputs_path), "evaluation")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        files = {
+            "metrics.json": json.dumps(
+                {"metrics": result.metrics, "signatures": result.signatures}, indent=2
+            )
+        }
+        if experiment.task == "translation":
+            files["hypotheses.txt"] = "\n".join(result.outputs) + "\n"
+            files["references.txt"] = "\n".join(result.references) + "\n"
+        else:
+            files["samples.txt"] = "\n\n".join(result.outputs) + "\n"
+        for name, text in files.items():
+            (Path(tmp_dir) / name).write_text(text, encoding="utf-8")
+            client.log_artifact(run_id, str(Path(tmp_dir) / name), "evaluation")
     table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(result.metrics.items()))
     create_markdown_artifact(
         markdown=f"# {model_name}: test metrics\n\n| metric | value |\n|---|---:|\n{table}\n\n"
         + "".join(f"- {k} signature: `{s}`\n" for k, s in result.signatures.items()),
         description=f"{model_name} evaluation",
     )
-    return result.metrics
+    return {"metrics": result.metrics, "outputs_path": str(outputs_path)}

@@ -1,9 +1,10 @@
-"""Prefect task that registers a model version and moves the champion alias when it wins."""
+"""Prefect task that logs a trained model as an MLflow pyfunc and registers it, with lineage.
+
+Promotion (aliases) is tasks/promotion.py; both run in one Prefect transaction.
+"""
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
 from pathlib import Path
 
@@ -12,12 +13,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.transactions import get_transaction
 
 import seqmodels
+from tasks.promotion import CHALLENGER, CHAMPION
 from tasks.tracking import mlflow_client
 
-CHAMPION = "champion"
+__all__ = ["CHALLENGER", "CHAMPION", "register_model_version"]
+
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # The pyfunc needs these at load time; listing them saves MLflow ~5 s of inference per model.
 PIP_REQUIREMENTS = ["torch", "numpy", "sentencepiece", "pyarrow", "pandas"]
@@ -38,22 +41,22 @@ def _signature(task_kind: str) -> ModelSignature:
     )
 
 
-def champion_score(
-    client: mlflow.MlflowClient, name: str, metric: str
-) -> tuple[str | None, float | None]:
-    """(version, primary metric) of the current champion, or (None, None) when there is none."""
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None
-    value = client.get_run(version.run_id).data.metrics.get(metric)
-    return version.version, value
+def _log_dataset_input(client: mlflow.MlflowClient, run_id: str, parquet: str, digest: str):
+    """Record the cleaned Parquet as the run's input through the MLflow dataset API."""
+    import pyarrow.parquet as pq
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
-
-def beats(challenger: float, champion: float | None, higher_is_better: bool) -> bool:
-    if champion is None or math.isnan(champion):
-        return True
-    return challenger > champion if higher_is_better else challenger < champion
+    columns = pq.read_schema(parquet)
+    schema = Schema(
+        [ColSpec("long" if str(f.type) == "int64" else "string", f.name) for f in columns]
+    )
+    dataset = MetaDataset(
+        resolve_dataset_source(parquet), Path(parquet).parent.name, digest[:16], schema
+    )
+    context = InputTag(key="mlflow.data.context", value="train+valid+test")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
 
 
 @task(name="register", timeout_seconds=1800)
@@ -61,16 +64,15 @@ def register_model_version(
     registered_name: str,
     model_name: str,
     trained: dict,
-    metrics: dict[str, float],
     task_kind: str,
-    primary_metric: str,
-    higher_is_better: bool,
     tracking_uri: str,
     lineage: dict[str, str],
+    parquet: str,
 ) -> dict:
-    """Log the pyfunc, register it, and give it `champion` only if it beats the champion."""
+    """Log the model as a pyfunc and register it as a new version with its lineage tags."""
     client = mlflow_client(tracking_uri)
     run_id = trained["run_id"]
+    _log_dataset_input(client, run_id, parquet, lineage.get("data_sha256", ""))
     example = ["Ein Mann fährt Fahrrad."] if task_kind == "translation" else ["ROMEO:"]
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given explicitly; MLflow's hint about type hints does not apply.
@@ -86,38 +88,20 @@ def register_model_version(
             registered_model_name=registered_name,
         )
     version = str(info.registered_model_version)
-    score = metrics[primary_metric]
-    previous_version, previous_score = champion_score(client, registered_name, primary_metric)
-    promoted = beats(score, previous_score, higher_is_better)
-    tags = {
-        **lineage,
-        "model_name": model_name,
-        "mlflow_run_id": run_id,
-        primary_metric: f"{score:.6f}",
-        "champion_at_registration": str(previous_version),
-        "promoted": str(promoted).lower(),
-    }
-    for key, value in tags.items():
+    get_transaction().set("registered", (tracking_uri, registered_name, version))
+    for key, value in {**lineage, "model_name": model_name, "mlflow_run_id": run_id}.items():
         client.set_model_version_tag(registered_name, version, key, value)
-    if promoted:
-        client.set_registered_model_alias(registered_name, CHAMPION, version)
-        client.set_model_version_tag(
-            registered_name, version, "promoted_over", str(previous_version)
-        )
-    client.set_terminated(run_id, status="FINISHED")
-    before = "none" if previous_score is None else f"{previous_score:.4f}"
-    decision = (
-        f"version {version} ({model_name}) {primary_metric}={score:.4f} vs champion "
-        f"{previous_version} {primary_metric}={before}: "
-        + ("promoted to champion" if promoted else "not promoted")
-    )
-    create_markdown_artifact(
-        markdown=f"# Promotion decision\n\n{decision}\n", description="promotion"
-    )
-    return {
-        "version": version,
-        "champion": promoted,
-        "decision": decision,
-        "model_uri": f"models:/{registered_name}/{version}",
-        "lineage": json.dumps(lineage),
-    }
+    return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
+
+
+@register_model_version.on_rollback
+def _delete_half_registered_version(transaction) -> None:
+    """A version whose evaluation or promotion failed is removed, not left half-registered."""
+    registered = transaction.get("registered", None)
+    if registered is None:
+        return
+    tracking_uri, name, version = registered
+    try:
+        mlflow_client(tracking_uri).delete_model_version(name, version)
+    except MlflowException:
+        pass

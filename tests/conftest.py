@@ -123,3 +123,30 @@ def http_mirror(mirror):
     yield f"http://127.0.0.1:{server.server_address[1]}", server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture()
+def tiny_ngram_dir(tmp_path):
+    """A real, finished 3-gram model folder (tmp_path/model) trained on a tiny text; its
+    cleaned Parquet is tmp_path/clean/corpus.parquet."""
+    from seqmodels.clean import InputFile, clean_corpus
+    from seqmodels.config import CleanConfig, ModelSpec, VocabConfig
+    from seqmodels.recipes import train_model
+    from seqmodels.vocab import train_sentencepiece
+
+    text = tmp_path / "t.txt"
+    text.write_text(
+        "".join(f"ROMEO: the night is {w} and long\n" for w in ["dark", "cold", "young"] * 40)
+    )
+    parquet, _ = clean_corpus(
+        [InputFile(text, "u/t.txt")],
+        tmp_path / "clean",
+        CleanConfig(deduplicate=False, remove_eval_overlap=False),
+        "monolingual",
+    )
+    spm = train_sentencepiece(parquet, ["text"], tmp_path / "vocab", VocabConfig(vocab_size=40))
+    out = tmp_path / "model"
+    train_model(
+        ModelSpec(type="ngram", architecture={"order": 3}), "language_model", parquet, spm, out
+    )
+    return out

@@ -1,0 +1,257 @@
+"""Champion/challenger promotion with a paired significance test, as a rollback-able task.
+
+A new version first takes the `challenger` alias. It is compared with the `champion` on the
+same test set (paired bootstrap: sacreBLEU's for BLEU, over lines for bits per character);
+it takes `champion` only if it is better and p < alpha, or if there is no champion yet. The
+decision, both scores, their intervals and the p-value go into the version's tags, a Markdown
+report on its run, and a Prefect artifact.
+
+Promotion runs inside a Prefect transaction (see flows/pipeline.py): when anything after the
+alias moved fails, the rollback hook puts both aliases back. Promotions of one registered
+model are serialised by a lock file (one machine) and, when a Prefect global concurrency
+limit named `promote-<model>` exists, by that limit too (several machines, one registry).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.transactions import get_transaction
+
+from seqmodels.config import ExperimentConfig
+from seqmodels.evaluate import evaluate_predictor
+from seqmodels.significance import Comparison, compare_language_models, compare_translations
+from tasks.tracking import mlflow_client
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _restore_alias(client: MlflowClient, name: str, alias: str, version: str | None) -> None:
+    if version is None:
+        try:
+            client.delete_registered_model_alias(name, alias)
+        except MlflowException:
+            pass
+    else:
+        client.set_registered_model_alias(name, alias, version)
+
+
+def _lock_path(tracking_uri: str, name: str) -> Path:
+    key = hashlib.sha256(f"{tracking_uri}|{name}".encode()).hexdigest()[:16]
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///") :]).parent
+    else:
+        folder = Path(tempfile.gettempdir()) / "seqmodels-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f".promote-{key}.lock"
+
+
+def _shared_limit(name: str) -> str | None:
+    """The Prefect global concurrency limit guarding `name`, if a real server defines one
+    (`prefect gcl create promote-NAME --limit 1`)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(f"promote-{name}")
+        except ObjectNotFound:
+            return None
+    return f"promote-{name}"
+
+
+@contextmanager
+def promotion_lock(tracking_uri: str, name: str) -> Iterator[None]:
+    """One promotion of `name` at a time (processes on this machine; Prefect limit beyond)."""
+    with open(_lock_path(tracking_uri, name), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            limit = _shared_limit(name)
+            if limit is None:
+                yield
+            else:
+                with concurrency(limit, occupy=1, strict=True):
+                    yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _champion_outputs(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    test_digest: str,
+    experiment: ExperimentConfig,
+    parquet: str,
+) -> dict:
+    """The champion's test outputs: its logged ones when it saw the same test set, otherwise
+    a fresh evaluation of the champion model on this test set."""
+    run_id = client.get_model_version(name, version).run_id
+    tags = client.get_run(run_id).data.tags
+    if tags.get("test_set_digest") == test_digest:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(client.download_artifacts(run_id, "evaluation", tmp))
+            return json.loads((local / "outputs.json").read_text(encoding="utf-8"))
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    result = evaluate_predictor(model.unwrap_python_model().predictor, Path(parquet), experiment)
+    return {"hypotheses": result.outputs, "line_nll": result.line_nll}
+
+
+def compare_with_champion(
+    challenger: dict, champion: dict, experiment: ExperimentConfig
+) -> Comparison:
+    n = experiment.evaluation.bootstrap_samples
+    if experiment.task == "translation":
+        return compare_translations(
+            challenger["hypotheses"], champion["hypotheses"], challenger["references"], n
+        )
+    return compare_language_models(
+        np.asarray(challenger["line_nll"]),
+        np.asarray(champion["line_nll"]),
+        np.asarray(challenger["line_chars"]),
+        n,
+    )
+
+
+def decide(comparison: Comparison | None, higher_is_better: bool, alpha: float) -> tuple[bool, str]:
+    if comparison is None:
+        return True, "no champion yet"
+    better = (comparison.challenger > comparison.champion) == higher_is_better and (
+        comparison.challenger != comparison.champion
+    )
+    if better and comparison.p_value < alpha:
+        return True, f"better and significant (p={comparison.p_value:.4f} < {alpha})"
+    if better:
+        return False, f"better but not significant (p={comparison.p_value:.4f} >= {alpha})"
+    return False, f"not better (p={comparison.p_value:.4f})"
+
+
+def decision_markdown(
+    name: str,
+    version: str,
+    model_name: str,
+    champion: str | None,
+    c: Comparison | None,
+    promoted: bool,
+    reason: str,
+) -> str:
+    lines = [f"# Promotion decision: {name} version {version} ({model_name})", ""]
+    lines.append(f"**{'promoted to champion' if promoted else 'champion kept'}**: {reason}")
+    if c is not None:
+        lines += [
+            "",
+            f"| | version | {c.metric} | 95% interval |",
+            "|---|---:|---:|---|",
+            f"| challenger | {version} | {c.challenger:.4f} | "
+            f"{c.challenger_ci[0]:.4f} – {c.challenger_ci[1]:.4f} |",
+            f"| champion | {champion} | {c.champion:.4f} | "
+            f"{c.champion_ci[0]:.4f} – {c.champion_ci[1]:.4f} |",
+            "",
+            f"Paired bootstrap, {c.n_samples} resamples: p = {c.p_value:.4f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="promote", timeout_seconds=3600)
+def promote_if_better(
+    registered_name: str,
+    version: str,
+    model_name: str,
+    run_id: str,
+    outputs_path: str,
+    experiment: ExperimentConfig,
+    parquet: str,
+    tracking_uri: str,
+) -> dict:
+    """Give `version` the challenger alias, test it against the champion, promote if it wins."""
+    client = mlflow_client(tracking_uri)
+    alpha = experiment.evaluation.significance_level
+    outputs = json.loads(Path(outputs_path).read_text(encoding="utf-8"))
+    with promotion_lock(tracking_uri, registered_name):
+        previous = {a: _alias(client, registered_name, a) for a in (CHAMPION, CHALLENGER)}
+        # The rollback hook restores exactly these, whatever happens after this line.
+        txn = get_transaction()
+        txn.set("previous_aliases", previous)
+        txn.set("registered_name", registered_name)
+        txn.set("tracking_uri", tracking_uri)
+        client.set_registered_model_alias(registered_name, CHALLENGER, version)
+        champion = previous[CHAMPION]
+        comparison = None
+        if champion is not None:
+            champion_outputs = _champion_outputs(
+                client, registered_name, champion, outputs["test_digest"], experiment, parquet
+            )
+            comparison = compare_with_champion(outputs, champion_outputs, experiment)
+        promoted, reason = decide(comparison, experiment.higher_is_better, alpha)
+        tags = {
+            "promotion.decision": "promoted" if promoted else "not promoted",
+            "promotion.reason": reason,
+            "promotion.champion_version": str(champion),
+            "promotion.alpha": str(alpha),
+        }
+        if comparison is not None:
+            tags.update(
+                {
+                    "promotion.metric": comparison.metric,
+                    "promotion.challenger_score": f"{comparison.challenger:.6f}",
+                    "promotion.champion_score": f"{comparison.champion:.6f}",
+                    "promotion.p_value": f"{comparison.p_value:.6f}",
+                    "promotion.challenger_ci": "[{:.4f}, {:.4f}]".format(*comparison.challenger_ci),
+                    "promotion.champion_ci": "[{:.4f}, {:.4f}]".format(*comparison.champion_ci),
+                }
+            )
+            client.log_metric(run_id, "promotion_p_value", comparison.p_value)
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_name, version, key, value)
+        report = decision_markdown(
+            registered_name, version, model_name, champion, comparison, promoted, reason
+        )
+        client.log_text(run_id, report, "promotion/decision.md")
+        if promoted:
+            client.set_registered_model_alias(registered_name, CHAMPION, version)
+            client.delete_registered_model_alias(registered_name, CHALLENGER)
+    create_markdown_artifact(markdown=report, description=f"{model_name}: promotion decision")
+    decision = f"version {version} ({model_name}): " + (
+        f"promoted to champion ({reason})" if promoted else f"not promoted ({reason})"
+    )
+    get_run_logger().info(decision)
+    return {
+        "promoted": promoted,
+        "decision": decision,
+        "p_value": None if comparison is None else comparison.p_value,
+    }
+
+
+@promote_if_better.on_rollback
+def _restore_aliases(transaction) -> None:
+    """Put `champion` and `challenger` back where they were before this promotion."""
+    previous = transaction.get("previous_aliases", None)
+    if previous is None:
+        return
+    name, uri = transaction.get("registered_name"), transaction.get("tracking_uri")
+    client = mlflow_client(uri)
+    for alias, version in previous.items():
+        _restore_alias(client, name, alias, version)
