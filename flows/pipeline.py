@@ -1,7 +1,8 @@
 """The seqmodels pipeline as Prefect flows: one flow run per experiment, one task per stage.
 
-download -> clean -> vocab -> (train -> evaluate -> register) per model. No ML logic here: the
-tasks call seqmodels and log to MLflow; this file only wires them together.
+pipeline -> one subflow per experiment -> one subflow per stage (flows/stages.py): download,
+clean, vocab, train (models concurrently where the machine allows), evaluate-and-register.
+No ML logic here: the tasks call seqmodels and log to MLflow; flows only wire them together.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ import json
 import tempfile
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from prefect.transactions import transaction
 
+from flows.stages import (
+    clean_stage,
+    download_stage,
+    evaluate_register_stage,
+    train_stage_runner,
+    vocab_stage,
+)
 from seqmodels.config import load_config
-from tasks.data import clean_corpus_files, download_corpus_file, train_vocabulary, workspace_id
-from tasks.modeling import evaluate_model_run, train_model_run
-from tasks.promotion import CHAMPION, promote_if_better
-from tasks.registry import register_model_version
+from tasks.data import workspace_id
+from tasks.promotion import CHAMPION
 from tasks.tracking import (
     code_commit,
     experiment_id,
@@ -30,26 +35,25 @@ from tasks.tracking import (
 )
 
 
-@flow(name="seqmodels-experiment", flow_run_name="{experiment}")
+@flow(name="seqmodels-experiment", flow_run_name="{experiment} ({config_path})")
 def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = False) -> list[dict]:
     """Run one experiment of the config end to end; returns one summary row per model."""
-    logger = get_run_logger()
     config = load_config(config_path, [experiment])
     exp = config.experiments[experiment]
-    work_dir = (config.work_dir / experiment).resolve()
+    work_dir = str((config.work_dir / experiment).resolve())
     workspace = workspace_id(config.work_dir.resolve())
     tracking_uri = config.resolved_tracking_uri()
-    mirrors = config.resolved_mirrors()
-
-    download = download_corpus_file.with_options(refresh_cache=refresh_cache)
     cache_dir = str(config.work_dir.resolve() / "downloads")
-    raw_paths = [download(f, mirrors, cache_dir, workspace) for f in exp.corpus.files]
-    data = clean_corpus_files.with_options(refresh_cache=refresh_cache)(
-        raw_paths, exp.corpus, exp.clean, str(work_dir), workspace
+
+    raw_paths = download_stage(
+        experiment, exp.corpus, config.resolved_mirrors(), cache_dir, workspace, refresh_cache
+    )
+    data = clean_stage(
+        experiment, raw_paths, exp.corpus, exp.clean, work_dir, workspace, refresh_cache
     )
     columns = ["src", "tgt"] if exp.task == "translation" else ["text"]
-    spm_model = train_vocabulary.with_options(refresh_cache=refresh_cache)(
-        data["parquet"], columns, exp.vocab, str(work_dir), workspace
+    spm_model = vocab_stage(
+        experiment, data["parquet"], columns, exp.vocab, work_dir, workspace, refresh_cache
     )
 
     client = mlflow_client(tracking_uri)
@@ -76,57 +80,22 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
         resolved.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         client.log_artifact(parent_id, str(resolved))
 
-    rows = []
     try:
-        for model_name, spec in exp.models.items():
-            trained = train_model_run(
-                model_name,
-                spec,
-                exp,
-                data["parquet"],
-                spm_model,
-                str(work_dir),
-                tracking_uri,
-                exp_id,
-                parent_id,
-            )
-            # Evaluation, registration and promotion succeed or fail together: a failure
-            # rolls back the aliases and deletes the half-registered version.
-            with transaction():
-                evaluated = evaluate_model_run(
-                    model_name, trained, exp, data["parquet"], tracking_uri
-                )
-                registered = register_model_version(
-                    experiment,
-                    model_name,
-                    trained,
-                    exp.task,
-                    tracking_uri,
-                    {**lineage, "model_type": spec.type},
-                    data["parquet"],
-                )
-                promotion = promote_if_better(
-                    experiment,
-                    registered["version"],
-                    model_name,
-                    trained["run_id"],
-                    evaluated["outputs_path"],
-                    exp,
-                    data["parquet"],
-                    tracking_uri,
-                )
-            client.set_terminated(trained["run_id"], status="FINISHED")
-            metrics = evaluated["metrics"]
-            logger.info(promotion["decision"])
-            rows.append(
-                {
-                    "experiment": experiment,
-                    "model": model_name,
-                    "run_id": trained["run_id"],
-                    "version": registered["version"],
-                    "metrics": metrics,
-                }
-            )
+        trained = train_stage_runner(experiment)(
+            experiment,
+            exp,
+            data["parquet"],
+            spm_model,
+            work_dir,
+            tracking_uri,
+            exp_id,
+            parent_id,
+            workspace,
+            refresh_cache,
+        )
+        rows = evaluate_register_stage(
+            experiment, exp, trained, data["parquet"], tracking_uri, lineage
+        )
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -138,14 +107,16 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
         row["champion"] = row["version"] == champion
     create_markdown_artifact(
         key=f"{experiment}-summary".replace("_", "-"),
-        markdown=summary_markdown(rows, exp.primary_metric),
+        markdown=summary_markdown(rows, exp.primary_metric, parent_id),
         description=f"{experiment}: models and metrics",
     )
     return rows
 
 
-def summary_markdown(rows: list[dict], primary_metric: str) -> str:
+def summary_markdown(rows: list[dict], primary_metric: str, parent_run_id: str = "") -> str:
     lines = [
+        f"MLflow parent run `{parent_run_id}`; each model's child run id is in the table.",
+        "",
         f"| model | {primary_metric} | version | champion | MLflow run |",
         "|---|---:|---:|:-:|---|",
     ]

@@ -236,32 +236,36 @@ def _first_pass(
     )
 
 
-def _mark_overlap_and_duplicates(stage: pl.LazyFrame, cfg: CleanConfig) -> pl.LazyFrame:
+def _mark_overlap_and_duplicates(stage_path: Path, cfg: CleanConfig) -> pl.LazyFrame:
+    """Mark train rows seen in valid/test, then exact duplicates (the first one is kept).
+
+    The key sets are collected first (8 bytes a row) and applied with `is_in`, an elementwise
+    expression, so the final pass streams in file order without a join buffering the text.
+    """
+    stage = pl.scan_parquet(stage_path)
     alive = pl.col("drop_reason").is_null()
+    filtered = pl.col("split").is_in(cfg.filter_splits)
     marks = []
     if cfg.remove_eval_overlap:
         eval_keys = (
             stage.filter(alive & (pl.col("split") != "train"))
-            .select("_eval_key")
-            .unique()
-            .with_columns(_in_eval=pl.lit(True))
+            .select(pl.col("_eval_key").unique())
+            .collect(engine="streaming")
+            .to_series()
         )
-        stage = stage.join(eval_keys, on="_eval_key", how="left", maintain_order="left")
-        marks.append(
-            pl.when((pl.col("split") == "train") & pl.col("_in_eval")).then(pl.lit("overlaps_eval"))
-        )
+        in_eval = (pl.col("split") == "train") & pl.col("_eval_key").is_in(eval_keys.implode())
+        marks.append(pl.when(alive & in_eval).then(pl.lit("overlaps_eval")))
     if cfg.deduplicate:
-        firsts = (
-            stage.filter(alive & pl.col("split").is_in(cfg.filter_splits))
+        first_rows = (
+            stage.filter(alive & filtered)
             .group_by("split", "_key")
-            .agg(_first=pl.col("_row").min())
+            .agg(pl.col("_row").min())
+            .select("_row")
+            .collect(engine="streaming")
+            .to_series()
         )
-        stage = stage.join(firsts, on=["split", "_key"], how="left", maintain_order="left")
-        marks.append(
-            pl.when(pl.col("_first").is_not_null() & (pl.col("_row") != pl.col("_first"))).then(
-                pl.lit("duplicate")
-            )
-        )
+        is_copy = alive & filtered & ~pl.col("_row").is_in(first_rows.implode())
+        marks.append(pl.when(is_copy).then(pl.lit("duplicate")))
     return stage.with_columns(drop_reason=pl.coalesce("drop_reason", *marks))
 
 
@@ -285,7 +289,7 @@ def clean_corpus(
     fixes = [f"_fix_{name}" for name, _, _ in normalisation_steps(cfg)]
     try:
         _first_pass(units, columns, cfg).sink_parquet(stage_path, compression="lz4")
-        lf = _mark_overlap_and_duplicates(pl.scan_parquet(stage_path), cfg)
+        lf = _mark_overlap_and_duplicates(stage_path, cfg)
         kept = lf.filter(pl.col("drop_reason").is_null())
         queries = [
             kept.with_row_index("id")

@@ -215,7 +215,22 @@ class PipelineConfig(_Strict):
     work_dir: Path = Path("runs")  # download cache, Parquet, vocabularies, checkpoints
     mirrors: list[str] = []  # folders or http(s) URLs with the HOST/PATH layout
     mlflow_tracking_uri: str = "sqlite:///runs/mlflow.db"
+    # Scheduled pipelines should refuse a corpus file whose content is not pinned; an ad-hoc
+    # run may allow it (the digest is then printed and recorded so it can be pinned).
+    require_checksums: bool = False
     experiments: dict[str, ExperimentConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _checksums_pinned(self) -> PipelineConfig:
+        if self.require_checksums:
+            for name, exp in self.experiments.items():
+                for f in exp.corpus.files:
+                    if f.sha256 is None:
+                        raise ValueError(
+                            f"experiments.{name}.corpus.files: {f.url} has no sha256 "
+                            "(require_checksums is on)"
+                        )
+        return self
 
     def resolved_mirrors(self) -> list[str]:
         """SEQMODELS_MIRROR (comma-separated) comes first, then the config's list."""

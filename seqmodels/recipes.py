@@ -62,6 +62,24 @@ def check_model_spec(name: str, spec: ModelSpec) -> None:
             raise ValueError(
                 f"model {name!r}: unknown training key {key!r}; known: {', '.join(sorted(known))}"
             )
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+    _check_sizes(name, {**defaults, **spec.architecture})
+
+
+def _check_sizes(name: str, arch: dict[str, Any]) -> None:
+    """Sizes that would only fail once training starts, refused while the config is read."""
+    for key, value in arch.items():
+        if key != "dropout" and type(value) in (int, float) and value <= 0:
+            raise ValueError(f"model {name!r}: {key} must be positive, got {value}")
+    if "dropout" in arch and not 0 <= arch["dropout"] < 1:
+        raise ValueError(f"model {name!r}: dropout must be in [0, 1), got {arch['dropout']}")
+    heads = arch.get("n_head")
+    if heads and "d_model" in arch and arch["d_model"] % heads:
+        raise ValueError(
+            f"model {name!r}: d_model {arch['d_model']} is not divisible by n_head {heads}"
+        )
 
 
 def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:

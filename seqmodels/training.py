@@ -1,8 +1,12 @@
 """One trainer for every neural model: LMs on a token stream, seq2seq on sentence pairs.
 
-AdamW (fused on CUDA), bf16 autocast on CUDA, warmup + inverse-sqrt or cosine
-schedule, gradient clipping, validation every `eval_every` steps and at the end,
-and the best-validation weights kept in out_dir/model.pt.
+Settings (TrainConfig), model building and the two entry points live here; the loop is in
+seqmodels.trainer. AdamW (fused on CUDA), bf16 autocast on CUDA, warmup + inverse-sqrt or
+cosine schedule, gradient clipping and accumulation, validation every `eval_every` steps and
+at the end with the best-validation weights kept in out_dir/model.pt, early stopping,
+full-state checkpoints in out_dir/checkpoints that a re-run resumes exactly
+(seqmodels.checkpoint), averaging of the last checkpoints, tokens/s and MFU
+(seqmodels.flops), and data parallelism under torchrun (seqmodels.distributed).
 """
 
 from __future__ import annotations
@@ -10,10 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +23,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqmodels import BOS_ID, EOS_ID, PAD_ID
+from seqmodels import PAD_ID
+from seqmodels.batching import (
+    Batch,
+    LMBatches,
+    PairBatches,
+    lm_valid_batches,
+    pair_valid_batches,
+    prepare_pairs,
+)
+from seqmodels.batching import collate as _collate  # noqa: F401  (old import path)
+from seqmodels.batching import token_batches as _token_batches  # noqa: F401  (old import path)
+from seqmodels.checkpoint import array_fingerprint, atomic_write
+from seqmodels.flops import train_flops_per_token
 from seqmodels.lm_models import (
     RNNLanguageModel,
     RNNLMConfig,
@@ -47,11 +60,12 @@ ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 MetricsCallback = Callable[[dict[str, float], int], None]
+ScoreFn = Callable[[nn.Module], float]  # model (eval mode, no grad) -> higher-is-better score
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
+    max_steps: int = 2000  # optimizer steps
     batch_tokens: int = 4096  # LM: batch = batch_tokens // block_size windows; seq2seq: padded
     lr: float = 1e-3  # peak learning rate, reached after warmup
     warmup_steps: int = 200
@@ -67,19 +81,49 @@ class TrainConfig:
     block_size: int = 128  # LM context length (Transformer: capped at its block_size)
     max_seq_len: int = 200  # seq2seq: longer training pairs are skipped, validation truncated
     valid_max_tokens: int | None = None  # cap on validation tokens, to bound eval time
-    max_train_minutes: float | None = None  # wall-clock safety net
+    max_train_minutes: float | None = None  # wall-clock safety net (per invocation)
+    # A step sums the gradients of grad_accum_steps batches (the global batch under DDP),
+    # normalised by their total token count: one big batch of grad_accum_steps * batch_tokens.
+    grad_accum_steps: int = 1
+    checkpoint_every: int | None = None  # steps; None: at every validation; 0: no checkpoints
+    keep_last: int = 2  # newest checkpoints kept (at least 1, and at least average_last_n)
+    keep_best: int = 1  # best checkpoints kept by the validation metric
+    resume: bool = True  # continue from out_dir/checkpoints when config and data match
+    early_stop_patience: int | None = None  # validations without improvement before stopping
+    average_last_n: int = 1  # > 1: model.pt = mean weights of the last n checkpoints
+    compile: bool = False  # torch.compile the model (CUDA mostly; slow to start)
+
+
+# Fields that change neither the weights trajectory nor the data, so a run may resume after
+# changing them (e.g. raising max_train_minutes or the patience).
+RESUME_FREE_FIELDS = {
+    "log_every",
+    "device",
+    "max_train_minutes",
+    "checkpoint_every",
+    "keep_last",
+    "keep_best",
+    "resume",
+    "early_stop_patience",
+    "average_last_n",
+    "compile",
+}
 
 
 @dataclass
 class TrainResult:
     model_dir: Path
     steps: int
-    train_time_s: float  # wall clock of the whole run, validation included
-    tokens_per_s: float  # predicted (target) tokens per second of training steps
+    train_time_s: float  # wall clock of this invocation, validation included
+    tokens_per_s: float  # predicted (target) tokens per second of training steps, all ranks
     best_valid_loss: float
     n_parameters: int
     device: str
     padding_fraction: float  # seq2seq: pad share of the src+tgt batch tensors; LM: 0
+    mfu: float = 0.0  # model FLOPs utilisation of training steps (seqmodels.flops)
+    best_valid_score: float | None = None  # best valid_score_fn value, when one is given
+    resumed_from_step: int = 0  # 0: started from scratch
+    stopped_early: bool = False
 
 
 def arch_name(config) -> str:
@@ -99,28 +143,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory + os.replace, so a reader never sees
-    a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+_atomic_write = atomic_write  # old name
 
 
 def save_model_config(config, out_dir: Path) -> None:
     text = json.dumps({"arch": arch_name(config), "config": asdict(config)}, indent=2)
-    _atomic_write(out_dir / "model_config.json", lambda p: Path(p).write_text(text + "\n"))
+    atomic_write(out_dir / "model_config.json", lambda p: Path(p).write_text(text + "\n"))
 
 
-def save_weights(model: nn.Module, out_dir: Path) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out_dir / "model.pt", lambda p: torch.save(state, p))
+def save_weights(model: nn.Module, out_dir: Path, state: dict | None = None) -> None:
+    if state is None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(out_dir / "model.pt", lambda p: torch.save(state, p))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -155,130 +189,6 @@ def _autocast(device: torch.device):
     )
 
 
-# A batch is (inputs..., targets); `loss_fn(model, batch, smoothing)` returns the summed
-# token loss and the number of predicted tokens, so means can be taken over many batches.
-Batch = tuple[torch.Tensor, ...]
-LossFn = Callable[[nn.Module, Batch, float], tuple[torch.Tensor, int]]
-
-
-def _evaluate(model, valid_batches: list[Batch], loss_fn: LossFn, device) -> float:
-    model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad(), _autocast(device):
-        for batch in valid_batches:
-            loss, k = loss_fn(model, tuple(t.to(device) for t in batch), 0.0)
-            total += float(loss)
-            n += k
-    model.train()
-    return total / max(n, 1)
-
-
-def _fit(
-    model_config,
-    train_batches: Iterator[tuple[Batch, int]],
-    valid_batches: list[Batch],
-    loss_fn: LossFn,
-    cfg: TrainConfig,
-    out_dir: Path,
-    on_metrics: MetricsCallback | None,
-    padding_fraction: Callable[[], float] | None = None,
-) -> TrainResult:
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_config).to(device)
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %.2fM parameters on %s", arch_name(model_config), n_params / 1e6, device)
-    (out_dir / "model.pt").unlink(missing_ok=True)  # never pair old weights with this config
-    save_model_config(model_config, out_dir)
-    opt = _make_optimizer(model, cfg, device)
-
-    best, saved = float("inf"), False
-    train_s, train_tokens = 0.0, 0
-    log_loss, log_tokens, log_steps, log_s = 0.0, 0, 0, 0.0
-    step, last_eval = 0, -1
-
-    def validate() -> None:
-        nonlocal best, last_eval, saved
-        last_eval = step
-        if not valid_batches:
-            return
-        loss = _evaluate(model, valid_batches, loss_fn, device)
-        log.info("step %d: valid loss %.4f ppl %.2f", step, loss, math.exp(min(loss, 50)))
-        if on_metrics:
-            on_metrics({"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}, step)
-        if loss < best:
-            best, saved = loss, True
-            save_weights(model, out_dir)
-
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        batch, n_tokens = next(train_batches)
-        batch = tuple(t.to(device, non_blocking=True) for t in batch)
-        step += 1
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with _autocast(device):
-            loss_sum, n_pred = loss_fn(model, batch, cfg.label_smoothing)
-            loss = loss_sum / max(n_pred, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        opt.step()
-        log_loss += float(loss.detach())  # a sync per step; negligible next to the step
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        train_s += dt
-        train_tokens += n_tokens
-        log_tokens += n_tokens
-        log_steps += 1
-        log_s += dt
-
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            metrics = {
-                "train_loss": log_loss / log_steps,
-                "lr": lr,
-                "tokens_per_s": log_tokens / max(log_s, 1e-9),
-                "grad_norm": float(grad_norm),
-            }
-            if padding_fraction is not None:
-                metrics["padding_fraction"] = padding_fraction()
-            log.info("step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
-            if on_metrics:
-                on_metrics(metrics, step)
-            log_loss, log_tokens, log_steps, log_s = 0.0, 0, 0, 0.0
-        if step % cfg.eval_every == 0:
-            validate()
-        minutes = (time.perf_counter() - t_start) / 60
-        if cfg.max_train_minutes is not None and minutes >= cfg.max_train_minutes:
-            log.warning(
-                "stopping at step %d: max_train_minutes=%s reached", step, cfg.max_train_minutes
-            )
-            break
-    if last_eval != step:
-        validate()
-    if not saved:  # no validation data (or a non-finite loss): keep the final weights
-        save_weights(model, out_dir)
-    return TrainResult(
-        model_dir=out_dir,
-        steps=step,
-        train_time_s=time.perf_counter() - t_start,
-        tokens_per_s=train_tokens / max(train_s, 1e-9),
-        best_valid_loss=best,
-        n_parameters=n_params,
-        device=str(device),
-        padding_fraction=padding_fraction() if padding_fraction else 0.0,
-    )
-
-
 # --- language models ------------------------------------------------------------------
 
 
@@ -293,35 +203,6 @@ def _lm_loss(model, batch: Batch, smoothing: float) -> tuple[torch.Tensor, int]:
     return loss, int((y != PAD_ID).sum())
 
 
-def _lm_train_batches(ids: np.ndarray, block: int, batch_size: int, seed: int):
-    """Random contiguous windows of block+1 tokens (nanoGPT): x = w[:-1], y = w[1:]."""
-    rng = np.random.default_rng(seed)
-    offsets = np.arange(block + 1)
-    while True:
-        starts = rng.integers(0, len(ids) - block, size=batch_size)
-        w = torch.from_numpy(ids[starts[:, None] + offsets].astype(np.int64))
-        yield (w[:, :-1], w[:, 1:]), batch_size * block
-
-
-def _lm_valid_batches(ids: np.ndarray, block: int, batch_size: int) -> list[Batch]:
-    """Non-overlapping windows covering every validation token once (last one padded)."""
-    windows_x, windows_y = [], []
-    for s in range(0, len(ids) - 1, block):
-        x = np.full(block, PAD_ID, dtype=np.int64)
-        y = np.full(block, PAD_ID, dtype=np.int64)
-        chunk = ids[s : s + block + 1]
-        x[: len(chunk) - 1] = chunk[:-1]
-        y[: len(chunk) - 1] = chunk[1:]
-        windows_x.append(x)
-        windows_y.append(y)
-    batches = []
-    for i in range(0, len(windows_x), batch_size):
-        xs = torch.from_numpy(np.stack(windows_x[i : i + batch_size]))
-        ys = torch.from_numpy(np.stack(windows_y[i : i + batch_size]))
-        batches.append((xs, ys))
-    return batches
-
-
 def train_language_model(
     model_config: RNNLMConfig | TransformerLMConfig,
     train_ids: np.ndarray,
@@ -329,9 +210,11 @@ def train_language_model(
     cfg: TrainConfig,
     out_dir: Path,
     on_metrics: MetricsCallback | None = None,
+    valid_score_fn: ScoreFn | None = None,
 ) -> TrainResult:
     """Train an LM on one flat id stream (lines' pieces each followed by EOS, starting
-    with EOS). Validation loss is the mean NLL per predicted token (nats)."""
+    with EOS). Validation loss is the mean NLL per predicted token (nats); the best
+    checkpoint is chosen by it, or by `valid_score_fn(model)` (higher is better) if given."""
     train_ids = np.asarray(train_ids)
     valid_ids = np.asarray(valid_ids)
     block = cfg.block_size
@@ -345,14 +228,19 @@ def train_language_model(
     if cfg.valid_max_tokens is not None:
         valid_ids = valid_ids[: cfg.valid_max_tokens + 1]
     batch_size = max(1, cfg.batch_tokens // block)
-    return _fit(
+    from seqmodels.trainer import fit  # here: trainer imports this module
+
+    return fit(
         model_config,
-        _lm_train_batches(train_ids, block, batch_size, cfg.seed),
-        _lm_valid_batches(valid_ids, block, batch_size) if len(valid_ids) > 1 else [],
+        lambda rank, world: LMBatches(train_ids, block, batch_size, cfg.seed, rank, world),
+        lm_valid_batches(valid_ids, block, batch_size) if len(valid_ids) > 1 else [],
         _lm_loss,
         cfg,
         out_dir,
         on_metrics,
+        valid_score_fn,
+        data_fingerprint=array_fingerprint([train_ids, valid_ids]),
+        flops_fn=lambda model: train_flops_per_token(model, block),
     )
 
 
@@ -372,52 +260,6 @@ def _s2s_loss(model, batch: Batch, smoothing: float) -> tuple[torch.Tensor, int]
     return loss, int((tgt_out != PAD_ID).sum())
 
 
-def _prepare_pairs(pairs, max_len: int, truncate: bool) -> tuple[list, list]:
-    """src -> src + [EOS]; tgt -> [BOS] + tgt + [EOS]. Over-long pairs are truncated
-    (validation) or skipped (training)."""
-    srcs, tgts = [], []
-    for s, t in pairs:
-        s = np.asarray(s, dtype=np.int64)
-        t = np.asarray(t, dtype=np.int64)
-        if len(s) + 1 > max_len or len(t) + 1 > max_len:
-            if not truncate:
-                continue
-            s, t = s[: max_len - 1], t[: max_len - 1]
-        srcs.append(np.append(s, EOS_ID))
-        tgts.append(np.concatenate([[BOS_ID], t, [EOS_ID]]))
-    return srcs, tgts
-
-
-def _token_batches(src_lens, tgt_lens, batch_tokens: int, rng) -> list[np.ndarray]:
-    """Length-bucketed batches of at most batch_tokens = n_sentences * longest side.
-    Random tie-breaking within equal lengths and shuffled batch order when rng is given."""
-    order = rng.permutation(len(src_lens)) if rng is not None else np.arange(len(src_lens))
-    size = np.maximum(src_lens, tgt_lens)[order]
-    idx = np.argsort(size, kind="stable")
-    order, size = order[idx], size[idx]
-    batches, start = [], 0
-    for i in range(1, len(order) + 1):
-        # Sorted ascending, so the batch's longest item is the one being added.
-        if i == len(order) or (i + 1 - start) * size[i] > batch_tokens:
-            batches.append(order[start:i])
-            start = i
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
-
-
-def _collate(srcs, tgts, idx: np.ndarray) -> Batch:
-    S = max(len(srcs[i]) for i in idx)
-    T = max(len(tgts[i]) for i in idx) - 1
-    src = np.full((len(idx), S), PAD_ID, dtype=np.int64)
-    tgt = np.full((len(idx), T + 1), PAD_ID, dtype=np.int64)
-    for r, i in enumerate(idx):
-        src[r, : len(srcs[i])] = srcs[i]
-        tgt[r, : len(tgts[i])] = tgts[i]
-    src_t, tgt_t = torch.from_numpy(src), torch.from_numpy(tgt)
-    return src_t, src_t != PAD_ID, tgt_t[:, :-1], tgt_t[:, 1:]
-
-
 def train_translation_model(
     model_config: LSTMSeq2SeqConfig | TransformerSeq2SeqConfig,
     train_pairs: list[tuple[np.ndarray, np.ndarray]],
@@ -425,46 +267,39 @@ def train_translation_model(
     cfg: TrainConfig,
     out_dir: Path,
     on_metrics: MetricsCallback | None = None,
+    valid_score_fn: ScoreFn | None = None,
 ) -> TrainResult:
     """Train a seq2seq model on (src ids, tgt ids) pairs given without bos/eos.
-    Validation loss is the mean unsmoothed NLL per target token (EOS included)."""
+    Validation loss is the mean unsmoothed NLL per target token (EOS included); the best
+    checkpoint is chosen by it, or by `valid_score_fn(model)` (e.g. BLEU) if given."""
     max_len = cfg.max_seq_len
     if isinstance(model_config, TransformerSeq2SeqConfig):
         max_len = min(max_len, model_config.max_positions)
-    srcs, tgts = _prepare_pairs(train_pairs, max_len, truncate=False)
+    srcs, tgts = prepare_pairs(train_pairs, max_len, truncate=False)
     if not srcs:
         raise ValueError("no training pairs left after length filtering")
     if len(srcs) < len(train_pairs):
         log.info("skipped %d pairs longer than %d tokens", len(train_pairs) - len(srcs), max_len)
-    src_lens = np.array([len(s) for s in srcs])
-    tgt_lens = np.array([len(t) - 1 for t in tgts])
-    pad = {"slots": 0, "real": 0}
 
-    def train_batches():
-        rng = np.random.default_rng(cfg.seed)
-        while True:
-            for idx in _token_batches(src_lens, tgt_lens, cfg.batch_tokens, rng):
-                batch = _collate(srcs, tgts, idx)
-                pad["slots"] += batch[0].numel() + batch[3].numel()
-                pad["real"] += int(src_lens[idx].sum() + tgt_lens[idx].sum())
-                yield batch, int(tgt_lens[idx].sum())
-
-    v_srcs, v_tgts = _prepare_pairs(valid_pairs, max_len, truncate=True)
+    v_srcs, v_tgts = prepare_pairs(valid_pairs, max_len, truncate=True)
     if cfg.valid_max_tokens is not None:
         keep = np.cumsum([len(t) - 1 for t in v_tgts]) <= cfg.valid_max_tokens
         v_srcs = [s for s, k in zip(v_srcs, keep, strict=True) if k]
         v_tgts = [t for t, k in zip(v_tgts, keep, strict=True) if k]
-    v_lens = (np.array([len(s) for s in v_srcs]), np.array([len(t) - 1 for t in v_tgts]))
-    valid = [
-        _collate(v_srcs, v_tgts, idx) for idx in _token_batches(*v_lens, cfg.batch_tokens, None)
-    ]
-    return _fit(
+    lens = [np.array([len(x) for x in xs]) for xs in (srcs, tgts, v_srcs, v_tgts)]
+    fingerprint = array_fingerprint([np.concatenate(srcs), np.concatenate(tgts), *lens])
+    src_len, tgt_len = float(lens[0].mean()), float(lens[1].mean() - 1)
+    from seqmodels.trainer import fit  # here: trainer imports this module
+
+    return fit(
         model_config,
-        train_batches(),
-        valid if v_srcs else [],
+        lambda rank, world: PairBatches(srcs, tgts, cfg.batch_tokens, cfg.seed, rank, world),
+        pair_valid_batches(v_srcs, v_tgts, cfg.batch_tokens) if v_srcs else [],
         _s2s_loss,
         cfg,
         out_dir,
         on_metrics,
-        padding_fraction=lambda: 1.0 - pad["real"] / max(pad["slots"], 1),
+        valid_score_fn,
+        data_fingerprint=fingerprint,
+        flops_fn=lambda model: train_flops_per_token(model, 0, src_len, tgt_len),
     )

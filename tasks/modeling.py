@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from seqmodels.config import ExperimentConfig, ModelSpec
 from seqmodels.evaluate import evaluate_model, outputs_record
@@ -16,40 +19,80 @@ from seqmodels.recipes import train_model
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
 
-@task(name="train", timeout_seconds=6 * 3600)
+def training_dir(work_dir: str, model_name: str, spec: ModelSpec, parquet: str, spm: str) -> Path:
+    """The same model on the same data always trains in the same folder, so a retry or the
+    next run after a crash resumes from its last checkpoint instead of starting over."""
+    key = hashlib.sha256(
+        json.dumps(
+            [model_name, spec.model_dump(mode="json"), parquet, spm], sort_keys=True
+        ).encode()
+    ).hexdigest()[:12]
+    return Path(work_dir) / "models" / f"{model_name}-{key}"
+
+
+def _child_run(client, experiment_id: str, parent_run_id: str, model_name: str, spec, out_dir):
+    """An unfinished MLflow run for this training folder (a crashed attempt), or a new one."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.training_dir = '{out_dir}' and attributes.status != 'FINISHED'",
+        max_results=1,
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, True
+    run = client.create_run(
+        experiment_id,
+        run_name=model_name,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "model_type": spec.type,
+            "stage": "train",
+            "training_dir": str(out_dir),
+        },
+    )
+    return run.info.run_id, False
+
+
+@task(
+    name="train",
+    timeout_seconds=6 * 3600,
+    # Unchanged model, data and vocabulary: the trained model is reused (a new parent run
+    # does not count as a change). refresh_cache retrains from scratch.
+    cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE,
+    persist_result=True,
+)
 def train_model_run(
     model_name: str,
     spec: ModelSpec,
-    experiment: ExperimentConfig,
+    task_kind: str,
+    decoding: dict,
     parquet: str,
     spm_model: str,
     work_dir: str,
     tracking_uri: str,
     experiment_id: str,
     parent_run_id: str,
+    workspace: str,
+    from_scratch: bool = False,
 ) -> dict:
-    """Train `model_name` in a new MLflow child run; returns its run id and model folder."""
+    """Train `model_name` in an MLflow child run; returns its run id and model folder."""
     client = mlflow_client(tracking_uri)
-    run = client.create_run(
-        experiment_id,
-        run_name=model_name,
-        tags={"mlflow.parentRunId": parent_run_id, "model_type": spec.type, "stage": "train"},
-    )
-    run_id = run.info.run_id
-    log_params(
-        client,
-        run_id,
-        flatten("", {"model": spec.model_dump(), "vocab": experiment.vocab.model_dump()}),
-    )
-    out_dir = Path(work_dir) / "models" / f"{model_name}-{run_id[:8]}"
+    out_dir = training_dir(work_dir, model_name, spec, parquet, spm_model)
+    if from_scratch and out_dir.exists():
+        shutil.rmtree(out_dir)
+    run_id, resumed = _child_run(client, experiment_id, parent_run_id, model_name, spec, out_dir)
+    if resumed:
+        get_run_logger().warning("%s: resuming run %s in %s", model_name, run_id, out_dir)
+    else:
+        log_params(client, run_id, flatten("", {"model": spec.model_dump()}))
     try:
         summary = train_model(
             spec,
-            experiment.task,
+            task_kind,
             Path(parquet),
             Path(spm_model),
             out_dir,
-            decoding=experiment.evaluation.model_dump(),
+            decoding=decoding,
             on_metrics=MetricLogger(client, run_id),
         )
     except BaseException:
@@ -63,7 +106,12 @@ def train_model_run(
     return {"run_id": run_id, "model_dir": str(out_dir), "summary": summary}
 
 
-@task(name="evaluate", timeout_seconds=3 * 3600)
+@task(
+    name="evaluate",
+    timeout_seconds=3 * 3600,
+    cache_policy=INPUTS + TASK_SOURCE,
+    persist_result=True,
+)
 def evaluate_model_run(
     model_name: str, trained: dict, experiment: ExperimentConfig, parquet: str, tracking_uri: str
 ) -> dict:

@@ -190,6 +190,13 @@ def promote_if_better(
     client = mlflow_client(tracking_uri)
     alpha = experiment.evaluation.significance_level
     outputs = json.loads(Path(outputs_path).read_text(encoding="utf-8"))
+    decided = client.get_model_version(registered_name, version).tags.get("promotion.decision")
+    if decided:  # a re-run with a cached training: this version was judged already
+        return {
+            "promoted": decided == "promoted",
+            "decision": f"version {version} ({model_name}): {decided} (decided earlier)",
+            "p_value": None,
+        }
     with promotion_lock(tracking_uri, registered_name):
         previous = {a: _alias(client, registered_name, a) for a in (CHAMPION, CHALLENGER)}
         # The rollback hook restores exactly these, whatever happens after this line.

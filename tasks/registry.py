@@ -5,6 +5,8 @@ Promotion (aliases) is tasks/promotion.py; both run in one Prefect transaction.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -72,15 +74,26 @@ def register_model_version(
     """Log the model as a pyfunc and register it as a new version with its lineage tags."""
     client = mlflow_client(tracking_uri)
     run_id = trained["run_id"]
+    existing = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
+    if existing:  # a re-run with a cached training: the version is already there
+        version = str(existing[0].version)
+        return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
     _log_dataset_input(client, run_id, parquet, lineage.get("data_sha256", ""))
     example = ["Ein Mann fährt Fahrrad."] if task_kind == "translation" else ["ROMEO:"]
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    # The logged model needs the weights, config and vocabulary, not the training state:
+    # checkpoints (optimizer state included) would triple its size.
+    staging = tempfile.TemporaryDirectory()
+    model_dir = Path(staging.name) / "model_dir"
+    shutil.copytree(
+        trained["model_dir"], model_dir, ignore=shutil.ignore_patterns("checkpoints", "evaluation")
+    )
+    with staging, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given explicitly; MLflow's hint about type hints does not apply.
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={"model_dir": trained["model_dir"]},
+            artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(seqmodels.__file__).parent)],
             pip_requirements=PIP_REQUIREMENTS,
             signature=_signature(task_kind),

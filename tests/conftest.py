@@ -42,6 +42,9 @@ def isolated_services(tmp_path_factory):
         DO_NOT_TRACK="true",
         MLFLOW_DISABLE_TELEMETRY="true",
         MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+        ),
     )
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SEQMODELS_MIRROR"):
         os.environ.pop(key, None)

@@ -109,3 +109,25 @@ def test_translation_metrics_are_sacrebleu_with_signatures():
     assert worse["test_bleu"] < 50
     with pytest.raises(ValueError, match="1 hypotheses for 2 references"):
         translation_metrics(["x"], refs)
+
+
+def test_unpinned_corpus_file_is_refused_when_checksums_are_required(tmp_path):
+    path = _write_yaml(tmp_path / "c.yaml", "require_checksums: true\n" + MINIMAL % ("ngram", "{}"))
+    with pytest.raises(ConfigError, match=r"https://example.org/a.txt has no sha256"):
+        load_config(path)
+
+
+def test_impossible_model_sizes_are_refused_before_anything_runs(tmp_path):
+    arch = "{n_layer: 1, n_head: 3, d_model: 32, d_ff: 64, block_size: 16}"
+    path = _write_yaml(tmp_path / "c.yaml", MINIMAL % ("transformer_lm", arch))
+    with pytest.raises(ConfigError, match=r"experiments.lm"):
+        load_config(path)
+
+
+def test_translation_metrics_include_chrf_plus_plus_and_ter():
+    refs = ["A man rides a bicycle.", "Two dogs play in the snow."]
+    scores, signatures = translation_metrics(["A man rides a bike.", "Two dogs play."], refs)
+    assert 0 < scores["test_chrf_pp"] < 100 and scores["test_ter"] > 0
+    assert "nw:2" in signatures["chrf_pp"] and signatures["ter"].startswith("nrefs:1|case:lc")
+    perfect, _ = translation_metrics(refs, refs)
+    assert perfect["test_ter"] == pytest.approx(0.0)

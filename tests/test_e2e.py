@@ -69,9 +69,25 @@ def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_pat
     )
     assert "OK" in _run([sys.executable, "-c", probe], tmp_path, env, timeout=300)
 
-    # Unchanged inputs: download, clean and vocab come from Prefect's cache.
+    # Unchanged inputs: every stage up to training comes from Prefect's cache, and no new
+    # version is registered for an unchanged model.
     second = _run([*cli, "--experiment", "lm-shakespeare"], tmp_path, env)
-    for stage in ("download", "clean", "vocab"):
-        assert any(
-            f"Task run '{stage}-" in line and "Cached" in line for line in second.splitlines()
-        ), stage
+    for stage in ("download", "clean", "vocab", "train"):
+        assert _cached(second, stage), stage
+    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 3
+
+    # A changed cleaning rule re-runs clean, vocab and everything after, and nothing before.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(
+        f"extends: {REPO / 'configs/smoke.yaml'}\n"
+        "experiments: {lm-shakespeare: {clean: {min_chars: 3}}}\n"
+    )
+    third = _run([*cli[:-1], str(changed), "--experiment", "lm-shakespeare"], tmp_path, env)
+    assert _cached(third, "download")
+    for stage in ("clean", "vocab", "train"):
+        assert not _cached(third, stage), stage
+    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 6
+
+
+def _cached(log: str, stage: str) -> bool:
+    return any(f"Task run '{stage}-" in line and "Cached" in line for line in log.splitlines())

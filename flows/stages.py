@@ -1,0 +1,171 @@
+"""One Prefect subflow per pipeline stage, so the Prefect UI shows each stage as its own run
+with its task runs, logs and artifacts. No ML logic here: the tasks call seqmodels."""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.transactions import transaction
+
+from seqmodels.config import CleanConfig, CorpusConfig, ExperimentConfig, VocabConfig
+from tasks.data import clean_corpus_files, download_corpus_file, train_vocabulary
+from tasks.modeling import evaluate_model_run, train_model_run
+from tasks.promotion import promote_if_better
+from tasks.registry import register_model_version
+from tasks.tracking import mlflow_client
+
+
+def parallel_trainings() -> int:
+    """How many models train at once: one per GPU would fight for it, so GPU trainings run one
+    at a time; on CPU, one per 8 cores (each training uses several threads)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, (os.cpu_count() or 1) // 8)
+
+
+@flow(name="download", flow_run_name="{experiment}: download")
+def download_stage(
+    experiment: str,
+    corpus: CorpusConfig,
+    mirrors: list[str],
+    cache_dir: str,
+    workspace: str,
+    refresh_cache: bool = False,
+) -> list[str]:
+    """Every corpus file, checked against its sha256 (cached, retried on transient errors)."""
+    download = download_corpus_file.with_options(refresh_cache=refresh_cache)
+    futures = [download.submit(f, mirrors, cache_dir, workspace) for f in corpus.files]
+    return [f.result() for f in futures]
+
+
+@flow(name="clean", flow_run_name="{experiment}: clean")
+def clean_stage(
+    experiment: str,
+    raw_paths: list[str],
+    corpus: CorpusConfig,
+    clean: CleanConfig,
+    work_dir: str,
+    workspace: str,
+    refresh_cache: bool = False,
+) -> dict[str, str]:
+    """Polars cleaning into Parquet plus the quality report (cached on its inputs)."""
+    task = clean_corpus_files.with_options(refresh_cache=refresh_cache)
+    return task(raw_paths, corpus, clean, work_dir, workspace)
+
+
+@flow(name="vocab", flow_run_name="{experiment}: vocab")
+def vocab_stage(
+    experiment: str,
+    parquet: str,
+    columns: list[str],
+    vocab: VocabConfig,
+    work_dir: str,
+    workspace: str,
+    refresh_cache: bool = False,
+) -> str:
+    """SentencePiece trained on the train split (cached on its inputs)."""
+    task = train_vocabulary.with_options(refresh_cache=refresh_cache)
+    return task(parquet, columns, vocab, work_dir, workspace)
+
+
+@flow(name="train", flow_run_name="{experiment}: train")
+def train_stage(
+    experiment: str,
+    config: ExperimentConfig,
+    parquet: str,
+    spm_model: str,
+    work_dir: str,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    workspace: str,
+    refresh_cache: bool = False,
+) -> dict[str, dict]:
+    """Every model of the experiment; independent trainings run concurrently up to
+    `parallel_trainings()` (see the task runner set by the caller)."""
+    train = train_model_run.with_options(refresh_cache=refresh_cache)
+    futures = {
+        name: train.submit(
+            name,
+            spec,
+            config.task,
+            config.evaluation.model_dump(),
+            parquet,
+            spm_model,
+            work_dir,
+            tracking_uri,
+            experiment_id,
+            parent_run_id,
+            workspace,
+            from_scratch=refresh_cache,
+        )
+        for name, spec in config.models.items()
+    }
+    wait(list(futures.values()))
+    return {name: future.result() for name, future in futures.items()}
+
+
+def train_stage_runner(experiment: str):
+    """train_stage with a task runner sized for this machine."""
+    workers = parallel_trainings()
+    get_run_logger().info("%s: training up to %d model(s) at once", experiment, workers)
+    return train_stage.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+
+
+@flow(name="evaluate-register", flow_run_name="{experiment}: evaluate and register")
+def evaluate_register_stage(
+    experiment: str,
+    config: ExperimentConfig,
+    trained: dict[str, dict],
+    parquet: str,
+    tracking_uri: str,
+    lineage: dict[str, str],
+) -> list[dict]:
+    """Per model: evaluate, register and promote, as one Prefect transaction.
+
+    A failure anywhere in the three rolls back the aliases and deletes the half-registered
+    version, so the champion is never a model whose evaluation or promotion did not finish.
+    """
+    logger = get_run_logger()
+    client = mlflow_client(tracking_uri)
+    rows = []
+    for model_name, result in trained.items():
+        spec = config.models[model_name]
+        with transaction():
+            evaluated = evaluate_model_run(model_name, result, config, parquet, tracking_uri)
+            registered = register_model_version(
+                experiment,
+                model_name,
+                result,
+                config.task,
+                tracking_uri,
+                {**lineage, "model_type": spec.type},
+                parquet,
+            )
+            promotion = promote_if_better(
+                experiment,
+                registered["version"],
+                model_name,
+                result["run_id"],
+                evaluated["outputs_path"],
+                config,
+                parquet,
+                tracking_uri,
+            )
+        client.set_terminated(result["run_id"], status="FINISHED")
+        logger.info(promotion["decision"])
+        rows.append(
+            {
+                "experiment": experiment,
+                "model": model_name,
+                "run_id": result["run_id"],
+                "version": registered["version"],
+                "metrics": evaluated["metrics"],
+            }
+        )
+    return rows
