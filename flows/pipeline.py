@@ -107,15 +107,27 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
         row["champion"] = row["version"] == champion
     create_markdown_artifact(
         key=f"{experiment}-summary".replace("_", "-"),
-        markdown=summary_markdown(rows, exp.primary_metric, parent_id),
+        markdown=summary_markdown(
+            rows, exp.primary_metric, parent_id, _run_link(tracking_uri, exp_id)
+        ),
         description=f"{experiment}: models and metrics",
     )
     return rows
 
 
-def summary_markdown(rows: list[dict], primary_metric: str, parent_run_id: str = "") -> str:
+def _run_link(tracking_uri: str, exp_id: str):
+    """Markdown link to an MLflow run when the tracking store is a server, else the bare id."""
+    if not tracking_uri.startswith("http"):
+        return lambda run_id: f"`{run_id}`"
+    base = tracking_uri.rstrip("/")
+    return lambda run_id: f"[{run_id[:8]}]({base}/#/experiments/{exp_id}/runs/{run_id})"
+
+
+def summary_markdown(
+    rows: list[dict], primary_metric: str, parent_run_id: str = "", link=lambda r: f"`{r}`"
+) -> str:
     lines = [
-        f"MLflow parent run `{parent_run_id}`; each model's child run id is in the table.",
+        f"MLflow parent run {link(parent_run_id)}.",
         "",
         f"| model | {primary_metric} | version | champion | MLflow run |",
         "|---|---:|---:|:-:|---|",
@@ -123,7 +135,7 @@ def summary_markdown(rows: list[dict], primary_metric: str, parent_run_id: str =
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['metrics'][primary_metric]:.4f} | {r['version']} | "
-            f"{'yes' if r['champion'] else ''} | {r['run_id']} |"
+            f"{'yes' if r['champion'] else ''} | {link(r['run_id'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -154,6 +154,9 @@ def _result_summary(result) -> dict[str, Any]:
         "best_valid_loss": result.best_valid_loss,
         "n_parameters": result.n_parameters,
         "padding_fraction": result.padding_fraction,
+        "mfu": result.mfu,
+        "resumed_from_step": result.resumed_from_step,
+        "stopped_early": float(result.stopped_early),
         "device": result.device,
     }
 

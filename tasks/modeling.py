@@ -53,9 +53,24 @@ def _child_run(client, experiment_id: str, parent_run_id: str, model_name: str, 
     return run.info.run_id, False
 
 
+def _worth_retrying(task, task_run, state) -> bool:
+    """A crash of the process or device may pass (the retry resumes from the last checkpoint);
+    a bad config or missing file will not."""
+    try:
+        state.result()
+    except (ValueError, TypeError, KeyError, FileNotFoundError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
 @task(
     name="train",
     timeout_seconds=6 * 3600,
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=_worth_retrying,
     # Unchanged model, data and vocabulary: the trained model is reused (a new parent run
     # does not count as a change). refresh_cache retrains from scratch.
     cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE,
