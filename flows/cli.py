@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, help="Corpus URL to an evaluated, registered model.")
 # A fixed width when not on a terminal, so piped/logged tables are not squeezed to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
+# Messages and summaries go to stderr so that stdout holds only the outputs, one per line.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 DEFAULT_CONFIG = Path("configs/default.yaml")
+MT_MODEL = "models:/mt-multi30k-de-en@champion"
+LM_MODEL = "models:/lm-shakespeare@champion"
+CHUNK_LINES = 256  # lines per predict call: outputs stream out while a long input is read
 
 # Metrics shown in the summary table, in this order, when a model has them.
 SHOWN_METRICS = (
@@ -37,6 +47,8 @@ def _quiet_telemetry() -> None:
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # A loaded machine can take longer than Prefect's default 20 s to start the local API.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }.items():
         os.environ.setdefault(key, value)
 
@@ -85,6 +97,206 @@ def run(
     rows = pipeline_flow(str(config), experiment or None, refresh_cache)
     console.print(results_table(rows))
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
+
+
+# --- using registered models ----------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    err_console.print(f"[red]{escape(message)}[/red]")
+    raise typer.Exit(2)
+
+
+def _tracking_uri(tracking_uri: str | None, config: Path) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config's mlflow_tracking_uri."""
+    from seqmodels.config import ConfigError, load_config
+
+    if tracking_uri is None:
+        try:
+            return load_config(config).resolved_tracking_uri()  # MLFLOW_TRACKING_URI wins there
+        except ConfigError as exc:
+            _fail(f"{exc}\n(or give --tracking-uri / set MLFLOW_TRACKING_URI)")
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not tracking_uri[len(prefix) :].startswith("/"):
+        tracking_uri = prefix + str(Path(tracking_uri[len(prefix) :]).resolve())
+    return tracking_uri
+
+
+def _check_store(tracking_uri: str) -> None:
+    # MLflow would silently create an empty SQLite store; reading from one is always a mistake.
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix) :]).is_file():
+        _fail(f"no MLflow database at {tracking_uri}: run `seqmodels run` or give --tracking-uri")
+
+
+def _load_model(model_uri: str, tracking_uri: str, natural_task: str):
+    """The pyfunc behind `model_uri`; exits 2 when it is missing or of the other kind
+    (`natural_task` is "translate" for translation models, "generate" for language models)."""
+    _quiet_telemetry()
+    _check_store(tracking_uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    # MLflow's hint to model authors ("add type hints to predict") is noise to users. It is
+    # raised under MLflow's own warning filters while loading, so it is dropped when shown.
+    hint = "type hints to the `predict` method"
+    show = warnings.showwarning
+
+    def show_others(message, *args, **kwargs) -> None:
+        if hint not in str(message):
+            show(message, *args, **kwargs)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_others
+            model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        reason = getattr(exc, "message", None) or str(exc)
+        _fail(f"cannot load model {model_uri} from {tracking_uri}: {reason}")
+    warnings.filterwarnings("ignore", message=f".*{hint}")  # and on every predict
+    # The signature's default `task` is the model's natural one (see tasks/registry.py).
+    schema = model.metadata.get_params_schema()
+    default = {p.name: p.default for p in schema.params}.get("task") if schema else None
+    if default is not None and default != natural_task:
+        kind = "translation" if default == "translate" else "language"
+        command = "translate" if default == "translate" else "generate or score"
+        _fail(f"{model_uri} is a {kind} model: use `seqmodels {command}`")
+    return model
+
+
+def _input_lines(input_file: Path | None) -> Iterator[list[str]]:
+    """Lines of --input or stdin (without their line ends), CHUNK_LINES at a time."""
+    stream = open(input_file, encoding="utf-8") if input_file else sys.stdin
+    try:
+        chunk: list[str] = []
+        for line in stream:
+            chunk.append(line.rstrip("\r\n"))
+            if len(chunk) == CHUNK_LINES:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+    finally:
+        if input_file:
+            stream.close()
+
+
+def _one_line(text: str) -> str:
+    """One output per line: backslashes and line ends inside an output are escaped."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _predict_lines(model, input_file: Path | None, params: dict) -> Iterator[tuple[str, str]]:
+    for chunk in _input_lines(input_file):
+        yield from zip(chunk, model.predict(chunk, params=params), strict=True)
+
+
+MODEL_HELP = "Registry URI of the model: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/..."
+INPUT_OPTION = typer.Option(None, "--input", "-i", help="Read lines from this file, not stdin.")
+URI_OPTION = typer.Option(
+    None, "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the config's)."
+)
+CONFIG_OPTION = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Config naming the store.")
+
+
+@app.command()
+def translate(
+    model: str = typer.Option(MT_MODEL, "--model", "-m", help=MODEL_HELP),
+    input_file: Path | None = INPUT_OPTION,
+    tracking_uri: str | None = URI_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Translate each input line; one translation per line on stdout."""
+    loaded = _load_model(model, _tracking_uri(tracking_uri, config), "translate")
+    for source, translation in _predict_lines(loaded, input_file, {"task": "translate"}):
+        # An empty line stays empty rather than becoming whatever the model makes of nothing.
+        print(_one_line(translation) if source.strip() else "", flush=True)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(LM_MODEL, "--model", "-m", help=MODEL_HELP),
+    input_file: Path | None = INPUT_OPTION,
+    max_new_tokens: int = typer.Option(60, help="Tokens to sample after each prompt."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (neural models)."),
+    tracking_uri: str | None = URI_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Continue each input line (a prompt); one continuation per line on stdout.
+
+    Line ends inside a continuation are written as \\n (and a backslash as \\\\)."""
+    loaded = _load_model(model, _tracking_uri(tracking_uri, config), "generate")
+    params = {"task": "generate", "max_new_tokens": max_new_tokens, "temperature": temperature}
+    for _, continuation in _predict_lines(loaded, input_file, params):
+        print(_one_line(continuation), flush=True)
+
+
+@app.command()
+def score(
+    model: str = typer.Option(LM_MODEL, "--model", "-m", help=MODEL_HELP),
+    input_file: Path | None = INPUT_OPTION,
+    tracking_uri: str | None = URI_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Perplexity per token of each input line on stdout; a summary on stderr."""
+    loaded = _load_model(model, _tracking_uri(tracking_uri, config), "generate")
+    values = []
+    for _, perplexity in _predict_lines(loaded, input_file, {"task": "score"}):
+        values.append(float(perplexity))
+        print(perplexity, flush=True)
+    if values:
+        # Per-line perplexities average geometrically: the mean of their log is a mean NLL.
+        geo = math.exp(sum(math.log(v) for v in values) / len(values))
+        err_console.print(
+            f"{len(values)} lines: mean perplexity per token {sum(values) / len(values):.4f}, "
+            f"geometric mean {geo:.4f}, min {min(values):.4f}, max {max(values):.4f} ({model})",
+            highlight=False,
+        )
+    else:
+        err_console.print("no input lines")
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Argument(..., help="Registered model (= experiment) name."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Report folder (default: runs/reports/EXPERIMENT)."
+    ),
+    metric: str | None = typer.Option(
+        None, help="Primary metric (default: the one promotion decides by)."
+    ),
+    tracking_uri: str | None = URI_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Compare every registered version of EXPERIMENT: a table, a Markdown report and plots.
+
+    Written to --out, logged to MLflow (a new run tagged stage=compare), shown in Prefect."""
+    _quiet_telemetry()
+    uri = _tracking_uri(tracking_uri, config)
+    _check_store(uri)
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import mlflow_client
+
+    try:  # fail fast, before Prefect starts
+        mlflow_client(uri).get_registered_model(experiment)
+    except MlflowException:
+        _fail(f"no registered model {experiment!r} in {uri}")
+    from flows.compare import compare_flow
+    from tasks.compare import TEXT_COLUMNS
+
+    out_dir = (out or Path("runs") / "reports" / experiment).resolve()
+    result = compare_flow(experiment, uri, str(out_dir), metric)
+    table = Table(title=f"{experiment}: registered versions")
+    for column in result["header"]:
+        text = column in TEXT_COLUMNS
+        table.add_column(column, justify="left" if text else "right")
+    for cells in result["cells"]:
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"report: {result['files']['report']}  (MLflow run {result['run_id']})")
 
 
 if __name__ == "__main__":

@@ -25,23 +25,27 @@ class SeqModelPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         import pandas as pd
 
+        params = dict(params or {})
         if isinstance(model_input, pd.DataFrame):
             texts = [str(x) for x in model_input.iloc[:, 0]]
         elif isinstance(model_input, str):
             texts = [model_input]
         else:
             texts = [str(x) for x in model_input]
-        params = dict(params or {})
         task = params.pop("task", None) or self.predictor.default_task
+        return self._run(task, texts, params)
+
+    def _run(self, task: str, texts: list[str], params: dict) -> list[str]:
         if task == "translate":
             return self.predictor.translate(texts)
         if task == "generate":
+            top_k, seed = int(params.get("top_k") or 0), params.get("seed")
             return self.predictor.generate(
                 texts,
                 max_new_tokens=int(params.get("max_new_tokens", 60)),
                 temperature=float(params.get("temperature", 0.8)),
-                top_k=int(params["top_k"]) if params.get("top_k") else None,
-                seed=int(params["seed"]) if params.get("seed") is not None else None,
+                top_k=top_k if top_k > 0 else None,  # 0: no top-k filtering
+                seed=int(seed) if seed is not None and int(seed) >= 0 else None,  # -1: random
             )
         if task == "score":
             return [f"{ppl:.4f}" for ppl in self.predictor.perplexities(texts)]

@@ -38,6 +38,8 @@ def _signature(task_kind: str) -> ModelSignature:
                 ParamSpec("task", "string", default),
                 ParamSpec("max_new_tokens", "long", 60),
                 ParamSpec("temperature", "double", 0.8),
+                ParamSpec("top_k", "long", 0),  # 0: no top-k filtering
+                ParamSpec("seed", "long", -1),  # -1: a random seed
             ]
         ),
     )
