@@ -89,20 +89,28 @@ def split_expr(file: InputFile, cfg: CleanConfig) -> pl.Expr:
     )
 
 
+_FIXED = pl.Struct({"value": pl.String, "changed": pl.Boolean})
+
+
 def _where(pattern: str, transform: Callable[[pl.Series], pl.Series]) -> Callable:
-    """A batch function applying `transform` only to the values that match `pattern`.
+    """A batch function applying `transform` only to the values that match `pattern`; it
+    returns each value with a flag saying whether the transform changed it.
 
     Most segments need no fixing (ASCII is already NFC, few have entities or stray
-    whitespace); a cheap `contains` scan skips them, which makes cleaning several times faster.
+    whitespace); a cheap `contains` scan skips them, and only the matching ones are compared,
+    which makes cleaning several times faster.
     """
 
     def run(values: pl.Series) -> pl.Series:
         hits = values.str.contains(pattern).fill_null(False)
-        if not hits.any():
-            return values
-        index = hits.arg_true()
-        fixed = transform(values.gather(index))
-        return values.clone().scatter(index, fixed)
+        changed = pl.Series("changed", [False] * len(values), dtype=pl.Boolean)
+        if hits.any():
+            index = hits.arg_true()
+            before = values.gather(index)
+            fixed = transform(before)
+            values = values.clone().scatter(index, fixed)
+            changed = changed.scatter(index, (fixed != before).fill_null(False))
+        return pl.struct(values.alias("value"), changed, eager=True)
 
     return run
 
@@ -146,16 +154,15 @@ def _normalise(lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig) -> pl.Laz
         step = _where(pattern, transform)
         lf = lf.with_columns(
             **{
-                f"_new_{c}": pl.col(c).map_batches(step, pl.String, is_elementwise=True)
+                f"_new_{c}": pl.col(c).map_batches(step, _FIXED, is_elementwise=True)
                 for c in columns
             }
         )
-        changed = pl.any_horizontal([pl.col(f"_new_{c}") != pl.col(c) for c in columns])
-        lf = (
-            lf.with_columns(changed.alias(f"_fix_{name}"))
-            .drop(columns)
-            .rename({f"_new_{c}": c for c in columns})
-        )
+        changed = pl.any_horizontal([pl.col(f"_new_{c}").struct.field("changed") for c in columns])
+        lf = lf.with_columns(
+            changed.alias(f"_fix_{name}"),
+            **{c: pl.col(f"_new_{c}").struct.field("value") for c in columns},
+        ).drop([f"_new_{c}" for c in columns])
     return lf
 
 
