@@ -67,7 +67,7 @@ def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = Fal
     }
     parent = client.create_run(
         exp_id,
-        run_name=f"{experiment}-{flow_run.get_name()}",
+        run_name=flow_run.get_name(),  # "<experiment> (<config>)"
         tags={**lineage, "stage": "pipeline"},
     )
     parent_id = parent.info.run_id

@@ -1,0 +1,256 @@
+"""The deployments of deployments/prefect.yaml on real servers, the way production runs them:
+a `prefect server`, an `mlflow server` (SQLite + local artefact root), `prefect deploy` from
+the repository root, a process work pool, and a `prefect worker` subprocess that picks up an
+ad-hoc run triggered through the API. Everything listens on 127.0.0.1 on free ports. The
+Kubernetes GPU pool and deployments/prefect-gpu.yaml are registered too, but not run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+POOL = "seqmodels-local"
+SCHEDULED = {
+    "nightly-lm-shakespeare": "0 1 * * *",
+    "nightly-mt-multi30k-de-en": "0 2 * * *",
+    "weekly-retrain": "0 4 * * 0",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _background(args: list[str], env: dict, log: Path):
+    """A long-running subprocess in its own process group (servers start children of their
+    own), stopped with SIGTERM, then SIGKILL, however the test ends."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            # Whatever is left of the group: a stuck child, or all of it after 30 s.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
+def _cli(args: list[str], env: dict) -> str:
+    result = subprocess.run(
+        args, env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _flow_run_tree(client, root_id) -> list:
+    """The flow run and all its subflow runs, at any depth."""
+    runs = [client.read_flow_run(root_id)]
+    parents = [root_id]
+    while parents:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents)
+            )
+        )
+        runs += children
+        parents = [c.id for c in children]
+    return runs
+
+
+@pytest.mark.e2e
+def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tmp_path, mirror):
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    # conftest has already unset PREFECT_API_URL and MLFLOW_TRACKING_URI and muted telemetry.
+    base_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    client_env = {**base_env, "PREFECT_API_URL": api}
+    # What a production worker gets: where to log, where the corpora are, and short polling
+    # so the test does not wait out the default 10-15 s intervals.
+    worker_env = {
+        **client_env,
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "SEQMODELS_MIRROR": str(mirror),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+    }
+    # The test's config: the small one from tests/configs with a work folder in tmp.
+    config = tmp_path / "deploy-smoke.yaml"
+    config.write_text(
+        f"extends: {REPO / 'tests/configs/deploy-smoke.yaml'}\nwork_dir: {tmp_path / 'work'}\n"
+    )
+
+    with contextlib.ExitStack() as stack:
+        # Both servers start at once: each takes 5-30 s on a busy 2-core machine.
+        prefect_log = tmp_path / "prefect-server.log"
+        prefect_server = stack.enter_context(
+            _background(
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
+                + ["--port", str(prefect_port)],
+                base_env,
+                prefect_log,
+            )
+        )
+        mlflow_log = tmp_path / "mlflow-server.log"
+        mlflow_server = stack.enter_context(
+            _background(
+                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1"]
+                + ["--port", str(mlflow_port)]
+                + ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+                + ["--default-artifact-root", (tmp_path / "mlflow-artifacts").as_uri()],
+                {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                mlflow_log,
+            )
+        )
+        _wait_healthy(f"{api}/health", prefect_server, prefect_log)
+        _wait_healthy(f"{mlflow_url}/health", mlflow_server, mlflow_log)
+
+        # What deployments/README.md tells an operator to run, from the repository root.
+        prefect = str(BIN / "prefect")
+        _cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
+        worker_log = tmp_path / "worker.log"
+        stack.enter_context(
+            _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
+        )
+        deploy = [prefect, "--no-prompt", "deploy", "--all", "--prefect-file"]
+        _cli([*deploy, "deployments/prefect.yaml"], client_env)
+        # The Kubernetes/GPU pool and its deployments are only registered, never run here:
+        # the server must accept the job template and the deployments must refer to it.
+        gpu_template = "deployments/k8s-gpu-job-template.json"
+        _cli(
+            [prefect, "work-pool", "create", "seqmodels-gpu", "--type", "kubernetes"]
+            + ["--base-job-template", gpu_template],
+            client_env,
+        )
+        _cli([*deploy, "deployments/prefect-gpu.yaml"], client_env)
+
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                all_deployments = client.read_deployments()
+                deployments = {d.name: d for d in all_deployments if d.work_pool_name == POOL}
+                gpu = {d.name: d for d in all_deployments if d.work_pool_name == "seqmodels-gpu"}
+                assert set(deployments) == {*SCHEDULED, "adhoc"}
+                assert set(gpu) == {"gpu-nightly", "gpu-adhoc"}
+                gpu_pool = client.read_work_pool("seqmodels-gpu")
+                assert "gpu_count" in gpu_pool.base_job_template["variables"]["properties"]
+                for name, deployment in {**deployments, **gpu}.items():
+                    assert deployment.entrypoint == "flows/pipeline.py:pipeline_flow"
+                    # One run at a time; a run due while one is going waits its turn.
+                    assert deployment.global_concurrency_limit.limit == 1, name
+                    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
+                for name, deployment in deployments.items():
+                    crons = [s.schedule.cron for s in deployment.schedules]
+                    assert crons == ([SCHEDULED[name]] if name in SCHEDULED else []), name
+                assert deployments["weekly-retrain"].parameters["refresh_cache"] is True
+                # The server already scheduled the coming nightly and weekly runs.
+                upcoming = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(
+                        id=DeploymentFilterId(any_=[deployments[n].id for n in SCHEDULED])
+                    ),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(
+                            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                        )
+                    ),
+                )
+                assert {r.deployment_id for r in upcoming} == {deployments[n].id for n in SCHEDULED}
+                # Keep them from firing should the test run just before 01:00, 02:00 or 04:00.
+                for name in SCHEDULED:
+                    client.pause_deployment(deployments[name].id)
+
+            started = time.monotonic()
+            flow_run = run_deployment(
+                "seqmodels-pipeline/adhoc",
+                parameters={
+                    "config_path": str(config),
+                    "experiments": ["lm-shakespeare"],
+                    "refresh_cache": False,
+                },
+                timeout=300,
+                poll_interval=2,
+            )
+            elapsed = time.monotonic() - started
+            assert flow_run.state.is_completed(), (
+                f"{flow_run.state!r} after {elapsed:.0f} s\n{worker_log.read_text()[-6000:]}"
+            )
+
+            with get_client(sync_client=True) as client:
+                runs = _flow_run_tree(client, flow_run.id)
+                flow_names = [client.read_flow(r.flow_id).name for r in runs]
+                task_runs = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
+                )
+        # The pipeline ran its experiment as a subflow, and every flow and task run of the
+        # tree completed (a cached task counts as completed).
+        assert flow_run.deployment_id == deployments["adhoc"].id
+        assert flow_names.count("seqmodels-experiment") == 1
+        experiment_run = runs[flow_names.index("seqmodels-experiment")]
+        assert {r.state_type for r in runs} == {StateType.COMPLETED}
+        assert {t.state_type for t in task_runs} == {StateType.COMPLETED}
+        task_names = {t.name.rsplit("-", 1)[0] for t in task_runs}  # "train-468" -> "train"
+        for stage in ("download", "clean", "vocab", "train", "evaluate", "register", "promote"):
+            assert stage in task_names, task_names
+
+        # The flow run logged to the MLflow server: a parent run linked to the experiment's
+        # Prefect flow run, the model's child run, a registered version and the champion alias.
+        mlflow = MlflowClient(mlflow_url)
+        experiment = mlflow.get_experiment_by_name("lm-shakespeare")
+        mlflow_runs = mlflow.search_runs([experiment.experiment_id])
+        parent = [r for r in mlflow_runs if r.data.tags.get("stage") == "pipeline"]
+        assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+        assert parent[0].data.tags["prefect_flow_run_id"] == str(experiment_run.id)
+        champion = mlflow.get_model_version_by_alias("lm-shakespeare", "champion")
+        assert champion.version == "1"
+        model_run = mlflow.get_run(champion.run_id)
+        assert model_run.info.status == "FINISHED"
+        assert model_run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert "test_bits_per_char" in model_run.data.metrics
+    print(f"ad-hoc deployment run: {elapsed:.0f} s from trigger to completion")
