@@ -103,7 +103,7 @@ def _where(pattern: str, transform: Callable[[pl.Series], pl.Series]) -> Callabl
 
     def run(values: pl.Series) -> pl.Series:
         hits = values.str.contains(pattern).fill_null(False)
-        changed = pl.Series("changed", [False] * len(values), dtype=pl.Boolean)
+        changed = pl.repeat(False, len(values), dtype=pl.Boolean, eager=True).alias("changed")
         if hits.any():
             index = hits.arg_true()
             before = values.gather(index)
@@ -303,18 +303,16 @@ def clean_corpus(
             .select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
             .sink_parquet(tmp, compression="zstd", lazy=True),
             lf.group_by("split", "drop_reason").agg(rows=pl.len()),
-            lf.filter(pl.col("drop_reason").is_not_null())
-            .group_by("drop_reason")
-            .agg(
-                pl.struct("split", "source_file", "line", *columns)
-                .sort_by("_row")
-                .head(EXAMPLES_PER_RULE)
-                .alias("examples")
-            ),
+            _examples(lf, columns),
             lf.group_by("split").agg(pl.col(fixes).sum()) if fixes else pl.LazyFrame(),
             kept.group_by("split").agg(*_length_aggs(columns)),
         ]
-        _, counts, examples, fixed, lengths = pl.collect_all(queries, engine="streaming")
+        # Without common-subplan elimination: sharing the scan between the queries would cache
+        # the whole corpus in memory; separate scans of the staged Parquet stream instead.
+        no_cache = pl.QueryOptFlags(comm_subplan_elim=False)
+        _, counts, examples, fixed, lengths = pl.collect_all(
+            queries, engine="streaming", optimizations=no_cache
+        )
         report = build_report(files, counts, examples, fixed, lengths, columns, cfg)
         malformed = report["dropped"].get("malformed")
         if malformed and cfg.on_malformed == "error":
@@ -332,6 +330,24 @@ def clean_corpus(
         tmp.unlink(missing_ok=True)
         stage_path.unlink(missing_ok=True)
     return target, report
+
+
+def _examples(lf: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:
+    """The first few dropped rows of each rule. Their row ids are found first (8 bytes a
+    dropped row), so the text of the dropped rows is never gathered in memory."""
+    dropped = lf.filter(pl.col("drop_reason").is_not_null())
+    first_ids = (
+        dropped.group_by("drop_reason")
+        .agg(pl.col("_row").bottom_k(EXAMPLES_PER_RULE))
+        .explode("_row")
+        .collect(engine="streaming")["_row"]
+    )
+    return (
+        dropped.filter(pl.col("_row").is_in(first_ids.implode()))
+        .sort("_row")
+        .group_by("drop_reason", maintain_order=True)
+        .agg(pl.struct("split", "source_file", "line", *columns).alias("examples"))
+    )
 
 
 def _length_aggs(columns: list[str]) -> list[pl.Expr]:

@@ -169,8 +169,10 @@ def scan_text_pair(src: InputFile, tgt: InputFile) -> pl.LazyFrame:
         raise AlignmentError(
             f"aligned files differ in length: {src.url} has {n_src} lines, {tgt.url} has {n_tgt}"
         )
-    pair = _scan_lines(src.path, "src").join(
-        _scan_lines(tgt.path, "tgt"), on="line", how="inner", maintain_order="left"
+    # Zipped side by side, not joined on the line number: a join would hold one whole file in
+    # a hash table; the line counts are equal, checked above.
+    pair = pl.concat(
+        [_scan_lines(src.path, "src"), pl.scan_lines(tgt.path, name="tgt")], how="horizontal"
     )
     return pair.with_columns(_malformed=pl.lit(False), source_file=pl.lit(src.url))
 
