@@ -1,0 +1,262 @@
+"""Beam-search throughput: seqmodels' batched beam search against Hugging Face generate.
+
+    python bench/decode_throughput.py [--device auto|cuda|cpu] [--sentences N]
+        [--batch-size N] [--beam 5] [--warmup-batches N] [--quick | --full | --smoke] [--no-hf]
+
+A Transformer-base encoder-decoder (6+6 layers, d_model 512, FFN 2048, 8 heads, 16k joint
+SentencePiece vocabulary trained on Multi30k train) with random weights translates the
+source side of Multi30k test_2016_flickr with beam 5:
+  - seqmodels: through seqmodels.inference.Translator.translate_ids (what `seqmodels
+    translate` and the registered model run: padding, bf16 autocast on CUDA, beam_search);
+  - hf: MarianMTModel built from a config object with the same sizes (random weights,
+    nothing downloaded), model.generate(num_beams=5); bf16 weights on CUDA, fp32 on CPU.
+
+Random weights would end hypotheses at arbitrary points, so both produce the same number of
+tokens: sentences are sorted by source length and cut into batches; every sentence of a
+batch gets exactly L output tokens plus a final one, L being the longest reference
+translation (in pieces) of the batch. seqmodels: max_len_a=0, max_len_b=L and the model's
+EOS logit lowered by 1e4 (finite, so the EOS that beam search forces at max length still
+ends every beam): L + 1 decoder steps, L tokens + EOS. Hugging Face: min_new_tokens =
+max_new_tokens = L + 1 (EOS masked throughout): L + 1 decoder steps. Tokens/s counts these
+L + 1 positions per sentence for both. The two take turns batch by batch (alternating
+which goes first), so load from other processes on a shared host hits both alike. On CPU
+the first 500 sentences are used (--quick) unless --full. The last line printed is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# The Multi30k, SentencePiece, device and Hugging Face helpers of the training bench.
+from train_throughput import (
+    WORKDIR,
+    describe_device,
+    encode,
+    hf_available,
+    marian,
+    multi30k,
+    sentencepiece_model,
+    sync,
+)
+
+from seqmodels import EOS_ID, PAD_ID
+from seqmodels.inference import Translator
+from seqmodels.seq2seq_models import TransformerSeq2Seq, TransformerSeq2SeqConfig
+from seqmodels.training import resolve_device, save_model_config, save_weights
+
+EOS_PENALTY = 1e4
+
+SIZES = {
+    "full": {"vocab": 16000, "d": 512, "heads": 8, "layers": 6, "ff": 2048, "sentences": 1000,
+             "batch": 64},
+    "quick": {"vocab": 16000, "d": 512, "heads": 8, "layers": 6, "ff": 2048, "sentences": 500,
+              "batch": 32},
+    "smoke": {"vocab": 256, "d": 32, "heads": 2, "layers": 1, "ff": 64, "sentences": 8,
+              "batch": 4, "spm_lines": 1000},
+}  # fmt: skip
+
+
+class NoEarlyEos(nn.Module):
+    """Wraps a seqmodels seq2seq model: EOS only where beam search forces it (max length)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.max_positions = model.max_positions
+
+    def encode(self, src, src_mask):
+        return self.model.encode(src, src_mask)
+
+    def init_state(self, memory):
+        return self.model.init_state(memory)
+
+    def decode_step(self, tokens, state, memory):
+        logits, state = self.model.decode_step(tokens, state, memory)
+        logits[:, EOS_ID] -= EOS_PENALTY
+        return logits, state
+
+    def reorder_state(self, state, index):
+        return self.model.reorder_state(state, index)
+
+
+def make_batches(srcs: list[list[int]], ref_lens: list[int], batch: int, limit: int):
+    """Sentences sorted by source length, in batches; each batch with its output length L."""
+    order = sorted(range(len(srcs)), key=lambda i: len(srcs[i]))
+    out = []
+    for b in range(0, len(order), batch):
+        idx = order[b : b + batch]
+        L = min(max(ref_lens[i] for i in idx), limit)
+        out.append(([srcs[i][: limit - 1] for i in idx], L))
+    return out
+
+
+def seqmodels_translator(config, spm_path: Path, device, beam: int, batch_size: int):
+    """A random-weight model directory, loaded the way every user loads one."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="seqmodels-bench-") as tmp:
+        save_model_config(config, Path(tmp))
+        save_weights(TransformerSeq2Seq(config), Path(tmp))
+        translator = Translator(
+            Path(tmp), spm_path, str(device), beam_size=beam, batch_size=batch_size
+        )
+    translator.model = NoEarlyEos(translator.model)
+    return translator
+
+
+def run_seqmodels(translator: Translator, srcs: list[list[int]], L: int) -> None:
+    translator.max_len_a, translator.max_len_b = 0.0, float(L)
+    hyps = translator.translate_ids(srcs)
+    assert all(len(h) == L for h in hyps), "seqmodels output lengths not forced"
+
+
+@torch.inference_mode()
+def run_hf(model, srcs: list[list[int]], L: int, beam: int, device) -> None:
+    rows = [s + [EOS_ID] for s in srcs]  # as Translator (and Marian's tokenizer) add EOS
+    ids = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+    ids = ids.to(device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=ids != PAD_ID,
+        num_beams=beam,
+        do_sample=False,
+        length_penalty=1.0,
+        max_new_tokens=L + 1,
+        min_new_tokens=L + 1,
+    )
+    assert out.shape[1] == L + 2, "HF output lengths not forced"  # + the decoder start
+
+
+def time_interleaved(runners: dict, batches, warmup: int, device) -> dict[str, float]:
+    """Seconds per implementation over all batches. The implementations take turns batch by
+    batch (alternating who goes first), so load from other processes hits them alike."""
+    for srcs, L in batches[:warmup]:
+        for run in runners.values():
+            run(srcs, L)
+    seconds = dict.fromkeys(runners, 0.0)
+    for i, (srcs, L) in enumerate(batches):
+        names = list(runners) if i % 2 == 0 else list(runners)[::-1]
+        for name in names:
+            sync(device)
+            t0 = time.perf_counter()
+            runners[name](srcs, L)
+            sync(device)
+            seconds[name] += time.perf_counter() - t0
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser.add_argument("--sentences", type=int, help="first N test sentences (default by sizes)")
+    parser.add_argument("--batch-size", type=int, help="sentences per batch (default by sizes)")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--warmup-batches", type=int, default=1, help="untimed batches first")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer sentences (default on CPU)")
+    mode.add_argument("--full", action="store_true", help="all 1000 sentences (CUDA default)")
+    mode.add_argument("--smoke", action="store_true", help="tiny model, 8 sentences: a check")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip Hugging Face")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sizes = "smoke" if args.smoke else "full" if args.full else "quick" if args.quick else None
+    sizes = sizes or ("full" if device.type == "cuda" else "quick")
+    size = SIZES[sizes]
+    n_sent = args.sentences or size["sentences"]
+    batch_size = args.batch_size or size["batch"]
+    hf_version = hf_available() if args.hf else None
+    print(
+        f"device {describe_device(device)}; sizes {sizes}; beam {args.beam}; "
+        f"Hugging Face {hf_version or 'not compared'}"
+    )
+
+    data = multi30k(WORKDIR / "cache")
+    spm_path = sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
+    srcs, refs, vocab = encode(data, "test", spm_path)
+    srcs, refs = srcs[:n_sent], refs[:n_sent]
+    config = TransformerSeq2SeqConfig(
+        vocab_size=vocab,
+        d_model=size["d"],
+        n_head=size["heads"],
+        n_enc_layers=size["layers"],
+        n_dec_layers=size["layers"],
+        d_ff=size["ff"],
+        dropout=0.1,
+        max_positions=256,
+    )
+    batches = make_batches(srcs, [len(r) for r in refs], batch_size, config.max_positions - 1)
+    n_tokens = sum(len(s) * (L + 1) for s, L in batches)  # decoder positions per sentence
+    print(
+        f"{len(srcs)} sentences in {len(batches)} batches of {batch_size}, "
+        f"{n_tokens} output positions (mean {n_tokens / len(srcs):.1f} per sentence)"
+    )
+
+    translator = seqmodels_translator(config, spm_path, device, args.beam, batch_size)
+    n_params = sum(p.numel() for p in translator.model.parameters())
+    runners = {"seqmodels": lambda srcs, L: run_seqmodels(translator, srcs, L)}
+    if hf_version:
+        torch.manual_seed(0)
+        model = marian(config, use_cache=True).to(device).eval()
+        if device.type == "cuda":
+            model = model.to(torch.bfloat16)  # how HF users run fast inference
+        runners["hf"] = lambda srcs, L: run_hf(model, srcs, L, args.beam, device)
+    seconds = time_interleaved(runners, batches, args.warmup_batches, device)
+    results = {}
+    for impl in ("seqmodels", "hf"):
+        secs = seconds.get(impl)
+        results[f"{impl}_seconds"] = secs
+        results[f"{impl}_sentences_per_s"] = len(srcs) / secs if secs else None
+        results[f"{impl}_tokens_per_s"] = n_tokens / secs if secs else None
+    ratio = (
+        results["seqmodels_tokens_per_s"] / results["hf_tokens_per_s"]
+        if results["hf_tokens_per_s"]
+        else None
+    )
+    for impl in ("seqmodels", "hf"):
+        if results[f"{impl}_tokens_per_s"]:
+            print(
+                f"  {impl:9s} {results[f'{impl}_sentences_per_s']:9.2f} sentences/s "
+                f"{results[f'{impl}_tokens_per_s']:10.1f} tokens/s"
+            )
+    if ratio:
+        print(f"  seqmodels / HF {ratio:.3f}")
+    reduced = sizes != "full" or n_sent < 1000
+    figures = {
+        "bench": "decode_throughput",
+        "device": describe_device(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "sizes": sizes,
+        "reduced": reduced,
+        "note": f"first {len(srcs)} of 1000 test sentences" if reduced else "all test sentences",
+        "beam": args.beam,
+        "sentences": len(srcs),
+        "batch_size": batch_size,
+        "output_positions": n_tokens,
+        "forced_lengths": "per batch: longest reference (pieces) L; L tokens + EOS (seqmodels, "
+        "EOS logit -1e4 until forced), min_new_tokens = max_new_tokens = L + 1 (HF)",
+        "precision": "bf16 (seqmodels autocast, HF bf16 weights)"
+        if device.type == "cuda"
+        else "fp32",
+        "params_m": round(n_params / 1e6, 2),
+        "torch": torch.__version__,
+        "transformers": hf_version,
+        **results,
+        "seqmodels_vs_hf": ratio,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The throughput benchmarks still run: each script with --smoke (tiny models, one or two
+steps) ends with one JSON line holding the expected figures. Hugging Face is compared only
+where transformers is installed (CI installs `.[dev]`, without it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+HAS_HF = importlib.util.find_spec("transformers") is not None
+
+
+def run_bench(script: str, mirror, tmp_path) -> dict:
+    args = [sys.executable, str(REPO / "bench" / script), "--smoke", "--device", "cpu"]
+    if not HAS_HF:
+        args.append("--no-hf")
+    env = {**os.environ, "SEQMODELS_MIRROR": str(mirror), "TMPDIR": str(tmp_path)}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["device"].startswith("cpu")
+    assert figures["sizes"] == "smoke" and figures["reduced"] is True
+    return figures
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench_tmp(tmp_path_factory):
+    # One temp folder for both scripts: the SentencePiece model is trained once.
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_train_throughput_smoke(mirror, bench_tmp):
+    figures = run_bench("train_throughput.py", mirror, bench_tmp)
+    assert figures["bench"] == "train_throughput"
+    assert positive(figures["peak_tflops"])
+    assert set(figures["models"]) == {"seq2seq", "lm", "lstm"}
+    for name, m in figures["models"].items():
+        for key in ("seqmodels_tokens_per_s", "plain_tokens_per_s", "seqmodels_mfu"):
+            assert positive(m[key]), (name, key, m[key])
+        assert positive(m["seqmodels_vs_plain"])
+        assert positive(m["seqmodels_trainer_reported_tokens_per_s"])
+        has_hf = HAS_HF and name != "lstm"  # no Hugging Face LSTM LM
+        assert positive(m["hf_tokens_per_s"]) == has_hf, (name, m["hf_tokens_per_s"])
+        assert positive(m["seqmodels_vs_hf"]) == has_hf
+
+
+def test_decode_throughput_smoke(mirror, bench_tmp):
+    figures = run_bench("decode_throughput.py", mirror, bench_tmp)
+    assert figures["bench"] == "decode_throughput"
+    assert figures["beam"] == 5 and figures["sentences"] == 8
+    for key in ("seqmodels_sentences_per_s", "seqmodels_tokens_per_s", "output_positions"):
+        assert positive(figures[key]), key
+    assert positive(figures["hf_tokens_per_s"]) == HAS_HF
+    assert positive(figures["seqmodels_vs_hf"]) == HAS_HF
