@@ -38,9 +38,10 @@ def download_stage(
     refresh_cache: bool = False,
 ) -> list[str]:
     """Every corpus file, checked against its sha256 (cached, retried on transient errors)."""
+    # One after the other in this thread: Prefect enforces task timeouts only outside worker
+    # threads, and corpus files are few.
     download = download_corpus_file.with_options(refresh_cache=refresh_cache)
-    futures = [download.submit(f, mirrors, cache_dir, workspace) for f in corpus.files]
-    return [f.result() for f in futures]
+    return [download(f, mirrors, cache_dir, workspace) for f in corpus.files]
 
 
 @flow(name="clean", flow_run_name="{experiment}: clean")
@@ -89,10 +90,11 @@ def train_stage(
     """Every model of the experiment; independent trainings run concurrently up to
     `parallel_trainings()` (see the task runner set by the caller)."""
     train = train_model_run.with_options(refresh_cache=refresh_cache)
-    futures = {
-        name: train.submit(
+
+    def args(name: str) -> tuple:
+        return (
             name,
-            spec,
+            config.models[name],
             config.task,
             config.evaluation.model_dump(),
             parquet,
@@ -102,9 +104,13 @@ def train_stage(
             experiment_id,
             parent_run_id,
             workspace,
-            from_scratch=refresh_cache,
         )
-        for name, spec in config.models.items()
+
+    if parallel_trainings() == 1:
+        # In this thread, so the task timeout is enforced (Prefect cannot stop worker threads).
+        return {name: train(*args(name), from_scratch=refresh_cache) for name in config.models}
+    futures = {
+        name: train.submit(*args(name), from_scratch=refresh_cache) for name in config.models
     }
     wait(list(futures.values()))
     return {name: future.result() for name, future in futures.items()}

@@ -331,7 +331,7 @@ def write_report(comparison: dict, out_dir: Path, tracking_uri: str) -> dict[str
     return {"report": report, **{file: out_dir / file for file in plots.values()}}
 
 
-@task(name="compare-versions")
+@task(name="compare-versions", timeout_seconds=1800)
 def compare_versions(
     name: str, tracking_uri: str, out_dir: str, primary_metric: str | None = None
 ) -> dict:
