@@ -18,7 +18,6 @@ the obvious pandas calls. The last line printed is one JSON object with the figu
 from __future__ import annotations
 
 import argparse
-import gzip
 import html
 import json
 import os
@@ -35,21 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KINDS = 10
-
-
-def _multi30k(cache: Path) -> dict[str, list[str]]:
-    from seqmodels.config import load_config
-    from seqmodels.download import download_file
-
-    default_mirror = str(ROOT.parent / "shared" / "corpora")
-    mirrors = (os.environ.get("SEQMODELS_MIRROR") or default_mirror).split(",")
-    corpus = load_config(ROOT / "configs" / "default.yaml").experiments["mt-multi30k-de-en"].corpus
-    out = {}
-    for f in corpus.files:
-        path = download_file(f.url, f.sha256, cache, mirrors)
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            out[f"{f.split}.{f.lang}"] = fh.read().split("\n")[:-1]
-    return out
 
 
 def _perturb(kind: int, v: int, de: str, en: str, de_nfd: str) -> tuple[str, str]:
@@ -78,7 +62,9 @@ def build_corpus(folder: Path, lines: int) -> Path:
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    data = _multi30k(folder / "cache")
+    from corpora import multi30k
+
+    data = multi30k(folder / "cache")
     de, en = data["train.de"], data["train.en"]
     de_nfd = [unicodedata.normalize("NFD", s) for s in de]
     n = len(de)

@@ -36,13 +36,13 @@ import torch
 import torch.nn as nn
 
 # The Multi30k, SentencePiece, device and Hugging Face helpers of the training bench.
+from corpora import multi30k
 from train_throughput import (
     WORKDIR,
     describe_device,
     encode,
     hf_available,
     marian,
-    multi30k,
     sentencepiece_model,
     sync,
 )

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import os
 import platform
@@ -51,6 +50,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from corpora import multi30k  # noqa: E402
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from seqmodels.batching import LMBatches, PairBatches, prepare_pairs  # noqa: E402
@@ -108,23 +109,6 @@ SIZES = {
 
 
 # --- data -------------------------------------------------------------------------------
-
-
-def multi30k(cache: Path) -> dict[str, list[str]]:
-    """Multi30k de-en lines by "split.lang" (train/valid/test), through seqmodels' download
-    code from the mirror."""
-    from seqmodels.config import load_config
-    from seqmodels.download import download_file
-
-    default_mirror = str(ROOT.parent / "shared" / "corpora")
-    mirrors = (os.environ.get("SEQMODELS_MIRROR") or default_mirror).split(",")
-    corpus = load_config(ROOT / "configs" / "default.yaml").experiments["mt-multi30k-de-en"].corpus
-    out = {}
-    for f in corpus.files:
-        path = download_file(f.url, f.sha256, cache, mirrors)
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            out[f"{f.split}.{f.lang}"] = fh.read().split("\n")[:-1]
-    return out
 
 
 def sentencepiece_model(
