@@ -94,9 +94,11 @@ def _peak_rss_mb() -> float:
 
 
 def run_polars(folder: Path, out: Path) -> dict:
-    from seqmodels.clean import InputFile, clean_corpus
-    from seqmodels.config import CleanConfig
-    from seqmodels.textfile import prepare_text_file
+    # CleanConfig from its own module: seqmodels.config imports the model registry (torch),
+    # which would count in this worker's peak RSS.
+    from seqmodels.data.clean import InputFile, clean_corpus
+    from seqmodels.data.settings import CleanConfig
+    from seqmodels.data.textfile import prepare_text_file
 
     t0 = time.perf_counter()
     inputs = []
@@ -133,7 +135,7 @@ def run_pandas(folder: Path, out: Path) -> dict:
     """The same rules as CleanConfig() with straightforward pandas string methods."""
     import pandas as pd
 
-    from seqmodels.config import CleanConfig
+    from seqmodels.data.settings import CleanConfig  # not seqmodels.config: no torch here
 
     cfg = CleanConfig()
     t0 = time.perf_counter()

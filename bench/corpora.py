@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def multi30k(cache: Path) -> dict[str, list[str]]:
     """Multi30k de-en lines by "split.lang" (train/valid/test)."""
     from seqmodels.config import load_config
-    from seqmodels.download import download_file
+    from seqmodels.data.download import download_file
 
     default_mirror = str(ROOT.parent / "shared" / "corpora")
     mirrors = (os.environ.get("SEQMODELS_MIRROR") or default_mirror).split(",")

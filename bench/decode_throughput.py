@@ -6,8 +6,10 @@
 A Transformer-base encoder-decoder (6+6 layers, d_model 512, FFN 2048, 8 heads, 16k joint
 SentencePiece vocabulary trained on Multi30k train) with random weights translates the
 source side of Multi30k test_2016_flickr with beam 5:
-  - seqmodels: through seqmodels.inference.Translator.translate_ids (what `seqmodels
-    translate` and the registered model run: padding, bf16 autocast on CUDA, beam_search);
+  - seqmodels: through seqmodels.inference.predictors.TranslationPredictor.translate_ids
+    (what `seqmodels translate` and the registered model run: padding, bf16 autocast on
+    CUDA, beam_search), the predictor loaded from a model folder by
+    seqmodels.models.folder.load_predictor;
   - hf: MarianMTModel built from a config object with the same sizes (random weights,
     nothing downloaded), model.generate(num_beams=5); bf16 weights on CUDA, fp32 on CPU.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,11 +51,14 @@ from train_throughput import (
 )
 
 from seqmodels import EOS_ID, PAD_ID
-from seqmodels.inference import Translator
-from seqmodels.seq2seq_models import TransformerSeq2Seq, TransformerSeq2SeqConfig
-from seqmodels.training import resolve_device, save_model_config, save_weights
+from seqmodels.inference.predictors import TranslationPredictor
+from seqmodels.models import FAMILIES
+from seqmodels.models.folder import FORMAT, META_FILE, load_predictor
+from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture
+from seqmodels.training.trainer import resolve_device, save_weights
 
 EOS_PENALTY = 1e4
+MODEL_TYPE = "transformer_seq2seq"  # the registered family (seqmodels.models.FAMILIES)
 
 SIZES = {
     "full": {"vocab": 16000, "d": 512, "heads": 8, "layers": 6, "ff": 2048, "sentences": 1000,
@@ -98,20 +104,35 @@ def make_batches(srcs: list[list[int]], ref_lens: list[int], batch: int, limit: 
     return out
 
 
-def seqmodels_translator(config, spm_path: Path, device, beam: int, batch_size: int):
-    """A random-weight model directory, loaded the way every user loads one."""
+def seqmodels_translator(
+    arch: TransformerSeq2SeqArchitecture,
+    vocab_size: int,
+    spm_path: Path,
+    device,
+    beam: int,
+    batch_size: int,
+) -> TranslationPredictor:
+    """A random-weight model folder (seqmodels.models.folder's layout: spm.model, model.pt,
+    then seqmodels.json), loaded the way every user loads one."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="seqmodels-bench-") as tmp:
-        save_model_config(config, Path(tmp))
-        save_weights(TransformerSeq2Seq(config), Path(tmp))
-        translator = Translator(
-            Path(tmp), spm_path, str(device), beam_size=beam, batch_size=batch_size
-        )
+        folder = Path(tmp)
+        shutil.copyfile(spm_path, folder / "spm.model")
+        save_weights(FAMILIES[MODEL_TYPE].build(arch, vocab_size), folder)
+        meta = {
+            "format": FORMAT,
+            "type": MODEL_TYPE,
+            "task": "translation",
+            "architecture": arch.model_dump(mode="json"),
+            "decoding": {"beam_size": beam, "batch_size": batch_size},
+        }
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        translator = load_predictor(folder, str(device))
     translator.model = NoEarlyEos(translator.model)
     return translator
 
 
-def run_seqmodels(translator: Translator, srcs: list[list[int]], L: int) -> None:
+def run_seqmodels(translator: TranslationPredictor, srcs: list[list[int]], L: int) -> None:
     translator.max_len_a, translator.max_len_b = 0.0, float(L)
     hyps = translator.translate_ids(srcs)
     assert all(len(h) == L for h in hyps), "seqmodels output lengths not forced"
@@ -119,7 +140,7 @@ def run_seqmodels(translator: Translator, srcs: list[list[int]], L: int) -> None
 
 @torch.inference_mode()
 def run_hf(model, srcs: list[list[int]], L: int, beam: int, device) -> None:
-    rows = [s + [EOS_ID] for s in srcs]  # as Translator (and Marian's tokenizer) add EOS
+    rows = [s + [EOS_ID] for s in srcs]  # as the predictor (and Marian's tokenizer) add EOS
     ids = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
     for r, row in enumerate(rows):
         ids[r, : len(row)] = torch.tensor(row)
@@ -186,8 +207,7 @@ def main() -> None:
     spm_path = sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
     srcs, refs, vocab = encode(data, "test", spm_path)
     srcs, refs = srcs[:n_sent], refs[:n_sent]
-    config = TransformerSeq2SeqConfig(
-        vocab_size=vocab,
+    arch = TransformerSeq2SeqArchitecture(
         d_model=size["d"],
         n_head=size["heads"],
         n_enc_layers=size["layers"],
@@ -196,19 +216,19 @@ def main() -> None:
         dropout=0.1,
         max_positions=256,
     )
-    batches = make_batches(srcs, [len(r) for r in refs], batch_size, config.max_positions - 1)
+    batches = make_batches(srcs, [len(r) for r in refs], batch_size, arch.max_positions - 1)
     n_tokens = sum(len(s) * (L + 1) for s, L in batches)  # decoder positions per sentence
     print(
         f"{len(srcs)} sentences in {len(batches)} batches of {batch_size}, "
         f"{n_tokens} output positions (mean {n_tokens / len(srcs):.1f} per sentence)"
     )
 
-    translator = seqmodels_translator(config, spm_path, device, args.beam, batch_size)
+    translator = seqmodels_translator(arch, vocab, spm_path, device, args.beam, batch_size)
     n_params = sum(p.numel() for p in translator.model.parameters())
     runners = {"seqmodels": lambda srcs, L: run_seqmodels(translator, srcs, L)}
     if hf_version:
         torch.manual_seed(0)
-        model = marian(config, use_cache=True).to(device).eval()
+        model = marian(arch, vocab, use_cache=True).to(device).eval()
         if device.type == "cuda":
             model = model.to(torch.bfloat16)  # how HF users run fast inference
         runners["hf"] = lambda srcs, L: run_hf(model, srcs, L, args.beam, device)

@@ -5,8 +5,9 @@
         [--compile]
 
 Three models, each trained for warmup + timed optimizer steps on the same batches by
-  - seqmodels: its real training entry points (train_translation_model /
-    train_language_model -> trainer.fit) with validation and checkpoints switched off.
+  - seqmodels: its real training entry points (seqmodels.training.recipes:
+    train_seq2seq_model / train_language_model -> trainer.fit) on the model its registered
+    family builds, with validation and checkpoints switched off.
     Time is taken between the trainer's per-step metric callbacks, so batching, collation,
     host-to-device copies, the step and the trainer's bookkeeping all count;
   - plain: the same model class in a bare loop (forward, loss, backward, clipping, AdamW;
@@ -23,8 +24,9 @@ Three models, each trained for warmup + timed optimizer steps on the same batche
 (c) LSTM LM, 2 layers of 1024 units, 16k vocab, windows of 128 tokens.
 
 tokens/s counts predicted (non-pad target) tokens. MFU = tokens/s x training FLOPs per token
-(seqmodels.flops, one figure for all implementations of a model) / the measured peak of the
-device (seqmodels.flops.peak_flops: bf16 matmul on CUDA, fp32 on CPU). On CPU the batches
+(the seqmodels model's flops_per_token, see seqmodels.training.flops; one figure for all
+implementations of a model) / the measured peak of the device
+(seqmodels.training.flops.peak_flops: bf16 matmul on CUDA, fp32 on CPU). On CPU the batches
 are reduced (--quick) unless --full is given, and the best single step of each
 implementation is reported too: other processes on a shared host only ever slow a step
 down. --rounds N times every implementation N times in alternating order and keeps the best.
@@ -54,24 +56,20 @@ sys.path.insert(0, str(ROOT))
 from corpora import multi30k  # noqa: E402
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
-from seqmodels.batching import LMBatches, PairBatches, prepare_pairs  # noqa: E402
-from seqmodels.flops import peak_flops, train_flops_per_token  # noqa: E402
-from seqmodels.lm_models import (  # noqa: E402
-    RNNLanguageModel,
-    RNNLMConfig,
-    TransformerLanguageModel,
-    TransformerLMConfig,
-)
-from seqmodels.seq2seq_models import TransformerSeq2Seq, TransformerSeq2SeqConfig  # noqa: E402
-from seqmodels.training import (  # noqa: E402
-    TrainConfig,
-    resolve_device,
-    train_language_model,
-    train_translation_model,
-)
+from seqmodels.models import FAMILIES  # noqa: E402
+from seqmodels.models.recurrent_lm import RecurrentLMArchitecture  # noqa: E402
+from seqmodels.models.transformer_lm import TransformerLMArchitecture  # noqa: E402
+from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture  # noqa: E402
+from seqmodels.training.batching import LMBatches, PairBatches, prepare_pairs  # noqa: E402
+from seqmodels.training.flops import peak_flops  # noqa: E402
+from seqmodels.training.recipes import train_language_model, train_seq2seq_model  # noqa: E402
+from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings  # noqa: E402
+from seqmodels.training.trainer import resolve_device  # noqa: E402
 
 WORKDIR = Path(tempfile.gettempdir()) / "seqmodels-bench"
-LABEL_SMOOTHING = 0.1  # seq2seq, as the trainer's default
+LABEL_SMOOTHING = Seq2SeqTrainSettings().label_smoothing  # seq2seq, as the trainer's default
+# The registered model type (seqmodels.models.FAMILIES) of each benchmark model.
+MODEL_TYPES = {"seq2seq": "transformer_seq2seq", "lm": "transformer_lm", "lstm": "lstm_lm"}
 
 # Model and batch sizes. "quick" keeps the models and shrinks the batches so a slow CPU
 # finishes in minutes; "smoke" is tiny everything, only to check that the script runs.
@@ -274,14 +272,14 @@ def hf_lm_forward(model, b):
     return model(input_ids=b[0]).logits, b[1]
 
 
-def marian(c: TransformerSeq2SeqConfig, use_cache: bool):
+def marian(c: TransformerSeq2SeqArchitecture, vocab_size: int, use_cache: bool):
     """MarianMT with seqmodels' sizes: shared embeddings tied to the output, scaled
     embeddings, sinusoidal positions, GELU, no activation dropout (as seqmodels)."""
     from transformers import MarianConfig, MarianMTModel
 
     config = MarianConfig(
-        vocab_size=c.vocab_size,
-        decoder_vocab_size=c.vocab_size,
+        vocab_size=vocab_size,
+        decoder_vocab_size=vocab_size,
         d_model=c.d_model,
         encoder_layers=c.n_enc_layers,
         decoder_layers=c.n_dec_layers,
@@ -307,11 +305,11 @@ def marian(c: TransformerSeq2SeqConfig, use_cache: bool):
     return MarianMTModel(config)
 
 
-def gpt2(c: TransformerLMConfig):
+def gpt2(c: TransformerLMArchitecture, vocab_size: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=c.vocab_size,
+        vocab_size=vocab_size,
         n_positions=c.block_size,
         n_embd=c.d_model,
         n_layer=c.n_layer,
@@ -331,11 +329,12 @@ def gpt2(c: TransformerLMConfig):
 def bench_model(name: str, size: dict, args, device, data) -> dict:
     """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model."""
     W, N = args.warmup, args.steps
+    model_type = MODEL_TYPES[name]
+    family = FAMILIES[model_type]
     if name == "seq2seq":
         spm_path = sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
         srcs_raw, tgts_raw, vocab = encode(data, "train", spm_path)
-        config = TransformerSeq2SeqConfig(
-            vocab_size=vocab,
+        arch = TransformerSeq2SeqArchitecture(
             d_model=size["d"],
             n_head=size["heads"],
             n_enc_layers=size["layers"],
@@ -345,28 +344,36 @@ def bench_model(name: str, size: dict, args, device, data) -> dict:
             max_positions=256,
         )
         pairs = [(np.array(s), np.array(t)) for s, t in zip(srcs_raw, tgts_raw, strict=True)]
-        cfg = {"batch_tokens": size["tokens"], "max_seq_len": config.max_positions}
+        cfg = {"batch_tokens": size["tokens"], "max_seq_len": arch.max_positions}
         # The trainer's own data path, replayed with its seed: the very batches it will see.
-        srcs, tgts = prepare_pairs(pairs, config.max_positions, truncate=False)
+        srcs, tgts = prepare_pairs(pairs, arch.max_positions, truncate=False)
         it = PairBatches(srcs, tgts, size["tokens"], seed=0)
         batches = [next(it) for _ in range(W + N)]
         src_len = float(np.mean([len(s) for s in srcs]))
         tgt_len = float(np.mean([len(t) - 1 for t in tgts]))
 
         def train(settings, on_metrics, out):
-            tc = TrainConfig(**cfg, **settings, device=str(device), compile=args.compile)
-            return train_translation_model(config, pairs, [], tc, out, on_metrics)
+            tc = Seq2SeqTrainSettings(**cfg, **settings, device=str(device), compile=args.compile)
+            return train_seq2seq_model(
+                make_plain,
+                pairs,
+                [],
+                tc,
+                out,
+                model_identity=identity,
+                max_positions=family.max_positions(arch),
+                on_metrics=on_metrics,
+            )
 
-        make_plain, plain_fwd = (lambda: TransformerSeq2Seq(config)), s2s_forward
-        smoothing = LABEL_SMOOTHING
-        make_hf, hf_fwd = (lambda: marian(config, use_cache=False)), hf_s2s_forward
-        flops = lambda m: train_flops_per_token(m, 0, src_len, tgt_len)  # noqa: E731
+        plain_fwd, smoothing = s2s_forward, LABEL_SMOOTHING
+        make_hf, hf_fwd = (lambda: marian(arch, vocab, use_cache=False)), hf_s2s_forward
+        flops = lambda m: m.flops_per_token(src_len, tgt_len)  # noqa: E731
         shape = f"{size['tokens']} batch tokens (sentences x longest side)"
     else:
         block = size["block"]
+        vocab = size["vocab"]
         if name == "lm":
-            config = TransformerLMConfig(
-                vocab_size=size["vocab"],
+            arch = TransformerLMArchitecture(
                 block_size=block,
                 n_layer=size["layers"],
                 n_head=size["heads"],
@@ -375,32 +382,44 @@ def bench_model(name: str, size: dict, args, device, data) -> dict:
                 dropout=0.1,
             )
             batch_size = size["batch"]
-            make_plain = lambda: TransformerLanguageModel(config)  # noqa: E731
-            make_hf, hf_fwd = (lambda: gpt2(config)), hf_lm_forward
+            make_hf, hf_fwd = (lambda: gpt2(arch, vocab)), hf_lm_forward
         else:
-            config = RNNLMConfig(
-                vocab_size=size["vocab"],
-                cell="lstm",
+            arch = RecurrentLMArchitecture(
                 emb_dim=size["hidden"],
                 hidden_size=size["hidden"],
                 n_layers=size["layers"],
                 dropout=0.2,
             )
             batch_size = size["tokens"] // block
-            make_plain, make_hf, hf_fwd = (lambda: RNNLanguageModel(config)), None, None
+            make_hf, hf_fwd = None, None
         plain_fwd, smoothing = lm_forward, 0.0
         rng = np.random.default_rng(0)
-        stream = rng.integers(4, config.vocab_size, size=max(200_000, 4 * block * batch_size))
+        stream = rng.integers(4, vocab, size=max(200_000, 4 * block * batch_size))
         cfg = {"batch_tokens": block * batch_size, "block_size": block}
         it = LMBatches(stream, block, batch_size, seed=0)  # the trainer's batches, as above
         batches = [next(it) for _ in range(W + N)]
 
         def train(settings, on_metrics, out):
-            tc = TrainConfig(**cfg, **settings, device=str(device), compile=args.compile)
-            return train_language_model(config, stream, np.zeros(0, np.int64), tc, out, on_metrics)
+            tc = LMTrainSettings(**cfg, **settings, device=str(device), compile=args.compile)
+            return train_language_model(
+                make_plain,
+                stream,
+                np.zeros(0, np.int64),
+                tc,
+                out,
+                model_identity=identity,
+                max_context=family.max_context(arch),
+                on_metrics=on_metrics,
+            )
 
-        flops = lambda m: train_flops_per_token(m, block)  # noqa: E731
+        flops = lambda m: m.flops_per_token(block)  # noqa: E731
         shape = f"{batch_size} x {block} tokens"
+
+    # The model as its registered family builds it, and its identity as the trainer keys it.
+    identity = {"type": model_type, "architecture": arch.model_dump(), "vocab_size": vocab}
+
+    def make_plain():
+        return family.build(arch, vocab)
 
     tokens = [n for _, n in batches]
     timed_tokens = sum(tokens[W:])
@@ -411,7 +430,7 @@ def bench_model(name: str, size: dict, args, device, data) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     del model
     out = {
-        "config": {k: v for k, v in vars(config).items()},
+        "config": identity,
         "params_m": round(n_params / 1e6, 2),
         "batch": shape,
         "target_tokens_per_step": round(timed_tokens / N),

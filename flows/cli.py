@@ -6,7 +6,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -87,14 +86,14 @@ def run(
     from seqmodels.config import ConfigError, load_config
 
     try:
-        load_config(config, experiment or None)  # fail fast, before Prefect starts
+        validated = load_config(config, experiment or None)  # fail fast, before Prefect starts
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     from flows.pipeline import pipeline_flow
 
     started = time.perf_counter()
-    rows = pipeline_flow(str(config), experiment or None, refresh_cache)
+    rows = pipeline_flow(str(config), experiment or None, refresh_cache, config=validated)
     console.print(results_table(rows))
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
 
@@ -139,23 +138,11 @@ def _load_model(model_uri: str, tracking_uri: str, natural_task: str):
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    # MLflow's hint to model authors ("add type hints to predict") is noise to users. It is
-    # raised under MLflow's own warning filters while loading, so it is dropped when shown.
-    hint = "type hints to the `predict` method"
-    show = warnings.showwarning
-
-    def show_others(message, *args, **kwargs) -> None:
-        if hint not in str(message):
-            show(message, *args, **kwargs)
-
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = show_others
-            model = mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         _fail(f"cannot load model {model_uri} from {tracking_uri}: {reason}")
-    warnings.filterwarnings("ignore", message=f".*{hint}")  # and on every predict
     # The signature's default `task` is the model's natural one (see tasks/registry.py).
     schema = model.metadata.get_params_schema()
     default = {p.name: p.default for p in schema.params}.get("task") if schema else None
@@ -285,7 +272,7 @@ def compare(
     except MlflowException:
         _fail(f"no registered model {experiment!r} in {uri}")
     from flows.compare import compare_flow
-    from tasks.compare import TEXT_COLUMNS
+    from seqmodels.evaluation.comparison import TEXT_COLUMNS
 
     out_dir = (out or Path("runs") / "reports" / experiment).resolve()
     result = compare_flow(experiment, uri, str(out_dir), metric)

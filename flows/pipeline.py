@@ -22,9 +22,9 @@ from flows.stages import (
     train_stage_runner,
     vocab_stage,
 )
-from seqmodels.config import load_config
+from seqmodels.config import PipelineConfig, load_config
+from seqmodels.evaluation.promotion import CHAMPION
 from tasks.data import workspace_id
-from tasks.promotion import CHAMPION
 from tasks.tracking import (
     code_commit,
     experiment_id,
@@ -36,9 +36,11 @@ from tasks.tracking import (
 
 
 @flow(name="seqmodels-experiment", flow_run_name="{experiment} ({config_path})")
-def experiment_flow(config_path: str, experiment: str, refresh_cache: bool = False) -> list[dict]:
-    """Run one experiment of the config end to end; returns one summary row per model."""
-    config = load_config(config_path, [experiment])
+def experiment_flow(
+    config: PipelineConfig, experiment: str, config_path: str = "", refresh_cache: bool = False
+) -> list[dict]:
+    """Run one experiment of the (validated) config end to end; one summary row per model.
+    `config_path` only names the run."""
     exp = config.experiments[experiment]
     work_dir = str((config.work_dir / experiment).resolve())
     workspace = workspace_id(config.work_dir.resolve())
@@ -142,11 +144,19 @@ def summary_markdown(
 
 @flow(name="seqmodels-pipeline", flow_run_name="pipeline-{config_path}")
 def pipeline_flow(
-    config_path: str, experiments: list[str] | None = None, refresh_cache: bool = False
+    config_path: str,
+    experiments: list[str] | None = None,
+    refresh_cache: bool = False,
+    config: PipelineConfig | None = None,
 ) -> list[dict]:
-    """Every experiment of the config (or the named ones), one subflow each."""
-    config = load_config(config_path, experiments)
+    """Every experiment of the config (or the named ones), one subflow each.
+
+    The config is read and validated once, here, unless the caller already did (the CLI
+    passes `config` so that a bad file fails before Prefect starts); the subflows get the
+    validated value, not the path."""
+    if config is None:
+        config = load_config(config_path, experiments)
     rows: list[dict] = []
     for name in config.experiments:
-        rows += experiment_flow(config_path, name, refresh_cache)
+        rows += experiment_flow(config, name, config_path, refresh_cache)
     return rows

@@ -1,5 +1,7 @@
-"""Compare every registered version of a model: rows for a table, a Markdown report and plots.
+"""Compare every registered version of a model: the Prefect task around
+seqmodels.evaluation.comparison.
 
+This module reads the registry into plain version records and logs what the library writes.
 The report goes to an MLflow run of its own (tag stage=compare) in the experiment of the same
 name: it covers versions from many pipeline runs, so attaching it to one of their parent runs
 would misplace it, and a run per comparison keeps a history of what was compared when.
@@ -8,29 +10,19 @@ would misplace it, and a run per comparison keeps a history of what was compared
 from __future__ import annotations
 
 import datetime as dt
-import math
 from pathlib import Path
 
 from mlflow import MlflowClient
 from prefect import task
 
-from tasks.registry import CHAMPION
-from tasks.tracking import experiment_id, mlflow_client
-
-CHALLENGER = "challenger"
-# Primary metric of each task (what promotion decides by) and whether higher is better.
-PRIMARY_METRICS = {"test_bleu": True, "test_bits_per_char": False}
-TEST_METRICS = (
-    "test_bleu",
-    "test_chrf",
-    "test_ter",
-    "test_bits_per_char",
-    "test_ppl_per_word",
-    "test_ppl_per_token",
+from seqmodels.evaluation.comparison import (
+    CURVES,
+    VersionRecord,
+    build_comparison,
+    table_columns,
+    write_report,
 )
-HIGHER_IS_BETTER = {"test_bleu", "test_chrf"}
-CURVES = ("train_loss", "valid_loss")
-TEXT_COLUMNS = ("model", "type", "aliases")  # the other table columns are numbers
+from tasks.tracking import experiment_id, mlflow_client
 
 
 def _last_logged(client: MlflowClient, run_id: str, key: str) -> float | None:
@@ -40,18 +32,9 @@ def _last_logged(client: MlflowClient, run_id: str, key: str) -> float | None:
     return max(history, key=lambda m: (m.timestamp, m.step)).value if history else None
 
 
-def _primary_metric(versions: list, runs: dict) -> str | None:
-    for v in reversed(versions):  # promotion tags the metric it decided by
-        if v.tags.get("promotion.metric") in PRIMARY_METRICS:
-            return v.tags["promotion.metric"]
-    for name in PRIMARY_METRICS:
-        if any(name in r["metrics"] for r in runs.values()):
-            return name
-    return None
-
-
-def collect_versions(client: MlflowClient, name: str, primary_metric: str | None = None) -> dict:
-    """Every version of registered model `name` with its run's metrics and loss curves.
+def version_records(client: MlflowClient, name: str) -> list[VersionRecord]:
+    """Every version of registered model `name` with its run's metrics, tags and loss curves,
+    as plain records for seqmodels.evaluation.comparison.build_comparison.
 
     Raises MlflowException when the registered model does not exist.
     """
@@ -60,11 +43,8 @@ def collect_versions(client: MlflowClient, name: str, primary_metric: str | None
     for alias, version in model.aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     escaped = name.replace("'", "\\'")
-    versions = sorted(
-        client.search_model_versions(f"name='{escaped}'"), key=lambda v: int(v.version)
-    )
-    runs = {}
-    for v in versions:
+    records: list[VersionRecord] = []
+    for v in client.search_model_versions(f"name='{escaped}'"):
         run = client.get_run(v.run_id)
         metrics = dict(run.data.metrics)
         if "tokens_per_s" in metrics:  # logged per step and once more as the run's summary
@@ -73,262 +53,19 @@ def collect_versions(client: MlflowClient, name: str, primary_metric: str | None
             key: [(m.step, m.value) for m in client.get_metric_history(v.run_id, key)]
             for key in CURVES
         }
-        runs[v.version] = {
-            "metrics": metrics,
-            "run_name": run.info.run_name,
-            "model_type": run.data.tags.get("model_type", ""),
-            "history": {k: sorted(h) for k, h in history.items() if h},
-        }
-    metric = primary_metric or _primary_metric(versions, runs)
-    rows = []
-    for v in versions:
-        r = runs[v.version]
-        m = r["metrics"]
-        ci = (m.get(f"{metric}_ci_low"), m.get(f"{metric}_ci_high")) if metric else (None, None)
-        rows.append(
+        records.append(
             {
                 "version": str(v.version),
-                "model": v.tags.get("model_name") or r["run_name"],
-                "model_type": v.tags.get("model_type") or r["model_type"],
                 "run_id": v.run_id,
-                "primary": m.get(metric) if metric else None,
-                "ci": ci if None not in ci else None,
-                "metrics": {k: m[k] for k in TEST_METRICS if k in m and k != metric},
-                "cis": {
-                    k: (m[f"{k}_ci_low"], m[f"{k}_ci_high"])
-                    for k in TEST_METRICS
-                    if f"{k}_ci_low" in m and f"{k}_ci_high" in m
-                },
-                "n_parameters": m.get("n_parameters"),
-                "train_time_s": m.get("train_time_s"),
-                "tokens_per_s": m.get("tokens_per_s"),
-                "aliases": sorted(aliases.get(str(v.version), [])),
-                "history": r["history"],
+                "run_name": run.info.run_name,
+                "version_tags": dict(v.tags),
+                "run_tags": dict(run.data.tags),
+                "aliases": aliases.get(str(v.version), []),
+                "metrics": metrics,
+                "history": history,
             }
         )
-    higher = PRIMARY_METRICS.get(metric, metric in HIGHER_IS_BETTER) if metric else False
-    return {"name": name, "primary_metric": metric, "higher_is_better": higher, "rows": rows}
-
-
-def fmt(value: float | None) -> str:
-    """Numbers as a table shows them: '-' when missing, fewer decimals as they grow."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
-
-
-def fmt_count(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.2f}{unit}"
-    return f"{value:.0f}"
-
-
-def table_columns(comparison: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the comparison table, shared by the CLI and the Markdown report."""
-    metric = comparison["primary_metric"] or "primary metric"
-    rows = comparison["rows"]
-    others = [k for k in TEST_METRICS if any(k in r["metrics"] for r in rows)]
-    header = ["version", "model", "type", metric, "95% CI", *others]
-    header += ["parameters", "train time (s)", "tokens/s", "aliases"]
-    cells = []
-    for r in rows:
-        ci = f"[{fmt(r['ci'][0])}, {fmt(r['ci'][1])}]" if r["ci"] else "-"
-        other_cells = []
-        for k in others:
-            text = fmt(r["metrics"].get(k))
-            if k in r["cis"]:
-                text += f" [{fmt(r['cis'][k][0])}, {fmt(r['cis'][k][1])}]"
-            other_cells.append(text)
-        cells.append(
-            [
-                r["version"],
-                r["model"],
-                r["model_type"],
-                fmt(r["primary"]),
-                ci,
-                *other_cells,
-                fmt_count(r["n_parameters"]),
-                "-" if r["train_time_s"] is None else f"{r['train_time_s']:,.1f}",
-                fmt(r["tokens_per_s"]),
-                ", ".join(r["aliases"]),
-            ]
-        )
-    return header, cells
-
-
-def report_markdown(comparison: dict, plots: dict[str, str], tracking_uri: str) -> str:
-    header, cells = table_columns(comparison)
-    metric = comparison["primary_metric"]
-    direction = "higher is better" if comparison["higher_is_better"] else "lower is better"
-    champion = [r for r in comparison["rows"] if CHAMPION in r["aliases"]]
-    lines = [
-        f"# {comparison['name']}: registered versions",
-        "",
-        f"Generated {dt.datetime.now().isoformat(timespec='seconds')} from `{tracking_uri}`. "
-        f"Primary metric: `{metric}` ({direction}); the champion is "
-        + (f"version {champion[0]['version']} ({champion[0]['model']})." if champion else "unset.")
-        + " Confidence intervals are shown where the run logged `<metric>_ci_low`/`_ci_high`.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(":--" if h in TEXT_COLUMNS else "--:" for h in header) + "|",
-        *("| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells),
-        "",
-    ]
-    no_curves = [f"v{r['version']} {r['model']}" for r in comparison["rows"] if not r["history"]]
-    for title, file in plots.items():
-        lines += [f"## {title}", "", f"![{title}]({file})", ""]
-    if no_curves:
-        lines.append(f"No train/valid loss history (not trained by steps): {', '.join(no_curves)}.")
-    if plots:
-        lines.append(
-            "Training loss is the optimised loss (label-smoothed for translation models); "
-            "validation loss is unsmoothed, in nats per target token."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _label(row: dict) -> str:
-    return f"v{row['version']} {row['model']}"
-
-
-def plot_learning_curves(comparison: dict, path: Path) -> bool:
-    """train_loss and valid_loss per step, one line per version; False when nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    rows = [r for r in comparison["rows"] if r["history"]]
-    if not rows:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True, sharey=True)
-    colors = plt.get_cmap("tab10")
-    for ax, key in zip(axes, CURVES, strict=True):
-        for i, r in enumerate(rows):
-            points = r["history"].get(key)
-            if points:
-                steps, values = zip(*points, strict=True)
-                marker = "o" if len(points) < 20 else None  # few evaluations: show each one
-                ax.plot(steps, values, marker=marker, color=colors(i % 10), label=_label(r))
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("training step")
-        ax.grid(True, alpha=0.3)
-    values = [v for r in rows for h in r["history"].values() for _, v in h if v > 0]
-    if values and max(values) / min(values) > 4:  # early losses dwarf the late ones otherwise
-        axes[0].set_yscale("log")
-        axes[0].yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-        axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axes[0].yaxis.set_minor_formatter(NullFormatter())
-    axes[0].set_ylabel("loss (nats per token)")
-    axes[1].legend(fontsize="small", loc="upper right")
-    fig.suptitle(f"{comparison['name']}: learning curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_metric_bars(comparison: dict, metrics: list[str], path: Path, title: str) -> bool:
-    """One bar chart per metric, a bar per version, error bars for confidence intervals; the
-    champion's bars are outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = comparison["rows"]
-    primary = comparison["primary_metric"]
-
-    def value(r: dict, k: str) -> float | None:
-        return r["primary"] if k == primary else r["metrics"].get(k)
-
-    def interval(r: dict, k: str) -> tuple[float, float] | None:
-        return r["ci"] if k == primary else r["cis"].get(k)
-
-    metrics = [k for k in metrics if any(value(r, k) is not None for r in rows)]
-    if not metrics:
-        return False
-    width = max(5.5, 0.7 * len(rows) + 2.5)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 5), squeeze=False)
-    any_ci = False
-    for ax, k in zip(axes[0], metrics, strict=True):
-        # Every version keeps its place in every chart; a missing value is marked n/a.
-        heights = [value(r, k) for r in rows]
-        champion = [CHAMPION in r["aliases"] for r in rows]
-        ax.bar(
-            range(len(rows)),
-            [h or 0.0 for h in heights],
-            color=["tab:orange" if c else "tab:blue" for c in champion],
-            edgecolor="black",
-            linewidth=[2 if c else 0.5 for c in champion],
-        )
-        # Whiskers only where an interval was logged: a zero-width one would claim certainty.
-        with_ci = [(i, interval(r, k)) for i, r in enumerate(rows) if interval(r, k)]
-        tops = [h or 0.0 for h in heights]
-        for i, ci in with_ci:
-            tops[i] = max(tops[i], ci[1])
-        for i, h in enumerate(heights):  # the value above the bar, clear of its whisker
-            ax.annotate(
-                "n/a" if h is None else fmt(h),
-                (i, tops[i]),
-                xytext=(0, 5),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-            )
-        if with_ci:
-            any_ci = True
-            xs = [i for i, _ in with_ci]
-            ys = [heights[i] for i in xs]
-            below = [max(ys[j] - ci[0], 0.0) for j, (_, ci) in enumerate(with_ci)]
-            above = [max(ci[1] - ys[j], 0.0) for j, (_, ci) in enumerate(with_ci)]
-            ax.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor="black", capsize=8, lw=1.5)
-        ax.set_xticks(range(len(rows)), [_label(r) for r in rows], rotation=20, ha="right")
-        ax.set_xlim(-0.6, len(rows) - 0.4)
-        direction = "higher" if k in HIGHER_IS_BETTER else "lower"
-        ax.set_title(f"{k} ({direction} is better)")
-        ax.set_ylabel(k)
-        ax.margins(y=0.15)
-        ax.grid(True, axis="y", alpha=0.3)
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, fc="tab:orange", ec="black", lw=2),
-        plt.Rectangle((0, 0), 1, 1, fc="tab:blue", ec="black", lw=0.5),
-    ]
-    labels = ["champion", "other versions"]
-    if any_ci:
-        handles.append(plt.Line2D([], [], color="black", marker="_", markersize=12, lw=1.5))
-        labels.append("95% confidence interval")
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(f"{comparison['name']}: {title}")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the tick labels
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def write_report(comparison: dict, out_dir: Path, tracking_uri: str) -> dict[str, Path]:
-    """Markdown report and PNG plots under `out_dir`; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots: dict[str, str] = {}
-    if plot_learning_curves(comparison, out_dir / "learning_curves.png"):
-        plots["Learning curves"] = "learning_curves.png"
-    primary = comparison["primary_metric"]
-    if primary and plot_metric_bars(
-        comparison, [primary], out_dir / "primary_metric.png", "primary metric"
-    ):
-        plots[f"Primary metric: {primary}"] = "primary_metric.png"
-    others = [k for k in TEST_METRICS if k != primary]
-    if plot_metric_bars(comparison, others, out_dir / "test_metrics.png", "other test metrics"):
-        plots["Other test metrics"] = "test_metrics.png"
-    report = out_dir / "comparison.md"
-    report.write_text(report_markdown(comparison, plots, tracking_uri), encoding="utf-8")
-    return {"report": report, **{file: out_dir / file for file in plots.values()}}
+    return records
 
 
 @task(name="compare-versions", timeout_seconds=1800)
@@ -341,7 +78,7 @@ def compare_versions(
     the MLflow run (tag stage=compare) that holds them as artifacts under `comparison/`.
     """
     client = mlflow_client(tracking_uri)
-    comparison = collect_versions(client, name, primary_metric)
+    comparison = build_comparison(name, version_records(client, name), primary_metric)
     files = write_report(comparison, Path(out_dir), tracking_uri)
     exp_id = experiment_id(client, name, tracking_uri)
     run = client.create_run(

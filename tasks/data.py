@@ -8,8 +8,6 @@ pointing at files that are gone.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from pathlib import Path
 
@@ -17,12 +15,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from seqmodels.clean import clean_corpus
-from seqmodels.clean_report import write_report
-from seqmodels.config import CleanConfig, CorpusConfig, SourceFile, VocabConfig
-from seqmodels.corpus_reader import prepare_inputs
-from seqmodels.download import TransientDownloadError, download_file
-from seqmodels.vocab import train_sentencepiece
+from seqmodels.data.clean import clean_corpus
+from seqmodels.data.clean_report import write_report
+from seqmodels.data.corpus_reader import prepare_inputs
+from seqmodels.data.download import TransientDownloadError, download_file
+from seqmodels.data.settings import CleanConfig, CorpusConfig, SourceFile, VocabConfig
+from seqmodels.data.vocab import train_sentencepiece
+from seqmodels.files import atomic_write_text, json_digest
 
 CACHED = INPUTS + TASK_SOURCE
 
@@ -31,16 +30,8 @@ def workspace_id(work_dir: Path) -> str:
     """A random id stored in the work dir; part of every cache key (see module docstring)."""
     marker = Path(work_dir) / ".workspace-id"
     if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".workspace-id.{uuid.uuid4().hex}")
-        tmp.write_text(uuid.uuid4().hex)
-        tmp.replace(marker)
+        atomic_write_text(marker, uuid.uuid4().hex)
     return marker.read_text().strip()
-
-
-def _short_hash(*parts: object) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -76,7 +67,7 @@ def clean_corpus_files(
 ) -> dict[str, str]:
     """Decompress and normalise each file, then clean them into Parquet + a quality report."""
     out_dir = (
-        Path(work_dir) / "clean" / _short_hash(raw_paths, corpus.model_dump(), clean.model_dump())
+        Path(work_dir) / "clean" / json_digest(raw_paths, corpus.model_dump(), clean.model_dump())
     )
     inputs = prepare_inputs([Path(p) for p in raw_paths], corpus, Path(work_dir))
     parquet, report = clean_corpus(
@@ -94,5 +85,5 @@ def train_vocabulary(
     parquet: str, columns: list[str], vocab: VocabConfig, work_dir: str, workspace: str
 ) -> str:
     """Train SentencePiece on the train split; returns the .model path."""
-    out_dir = Path(work_dir) / "vocab" / _short_hash(parquet, columns, vocab.model_dump())
+    out_dir = Path(work_dir) / "vocab" / json_digest(parquet, columns, vocab.model_dump())
     return str(train_sentencepiece(Path(parquet), columns, out_dir, vocab))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -14,19 +13,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from seqmodels.config import ExperimentConfig, ModelSpec
-from seqmodels.evaluate import evaluate_model, outputs_record
-from seqmodels.recipes import train_model
+from seqmodels.evaluation.scoring import evaluate_model, metrics_markdown, outputs_record
+from seqmodels.files import atomic_write_text, json_digest
+from seqmodels.models.folder import train_model
+from tasks.progress import TrainingProgress
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
 
 def training_dir(work_dir: str, model_name: str, spec: ModelSpec, parquet: str, spm: str) -> Path:
     """The same model on the same data always trains in the same folder, so a retry or the
     next run after a crash resumes from its last checkpoint instead of starting over."""
-    key = hashlib.sha256(
-        json.dumps(
-            [model_name, spec.model_dump(mode="json"), parquet, spm], sort_keys=True
-        ).encode()
-    ).hexdigest()[:12]
+    key = json_digest(model_name, spec.model_dump(mode="json"), parquet, spm, length=12)
     return Path(work_dir) / "models" / f"{model_name}-{key}"
 
 
@@ -101,15 +98,17 @@ def train_model_run(
     else:
         log_params(client, run_id, flatten("", {"model": spec.model_dump()}))
     try:
-        summary = train_model(
-            spec,
-            task_kind,
-            Path(parquet),
-            Path(spm_model),
-            out_dir,
-            decoding=decoding,
-            on_metrics=MetricLogger(client, run_id),
-        )
+        with TrainingProgress(model_name, get_run_logger()) as progress:
+            summary = train_model(
+                spec,
+                task_kind,
+                Path(parquet),
+                Path(spm_model),
+                out_dir,
+                decoding=decoding,
+                on_metrics=MetricLogger(client, run_id),
+                on_progress=progress,
+            )
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -145,10 +144,7 @@ def evaluate_model_run(
         client.set_tag(run_id, f"sacrebleu.{key}.signature", signature)
     client.set_tag(run_id, "test_set_digest", result.test_digest)
     outputs_path = Path(trained["model_dir"]) / "evaluation" / "outputs.json"
-    outputs_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outputs_path.with_name("outputs.json.tmp")
-    tmp.write_text(json.dumps(outputs_record(result)), encoding="utf-8")
-    tmp.replace(outputs_path)
+    atomic_write_text(outputs_path, json.dumps(outputs_record(result)))
     client.log_artifact(run_id, str(outputs_path), "evaluation")
     with tempfile.TemporaryDirectory() as tmp_dir:
         files = {
@@ -164,10 +160,7 @@ def evaluate_model_run(
         for name, text in files.items():
             (Path(tmp_dir) / name).write_text(text, encoding="utf-8")
             client.log_artifact(run_id, str(Path(tmp_dir) / name), "evaluation")
-    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(result.metrics.items()))
     create_markdown_artifact(
-        markdown=f"# {model_name}: test metrics\n\n| metric | value |\n|---|---:|\n{table}\n\n"
-        + "".join(f"- {k} signature: `{s}`\n" for k, s in result.signatures.items()),
-        description=f"{model_name} evaluation",
+        markdown=metrics_markdown(model_name, result), description=f"{model_name} evaluation"
     )
     return {"metrics": result.metrics, "outputs_path": str(outputs_path)}

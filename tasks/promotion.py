@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
@@ -34,11 +33,17 @@ from prefect.exceptions import ObjectNotFound
 from prefect.transactions import get_transaction
 
 from seqmodels.config import ExperimentConfig
-from seqmodels.evaluate import evaluate_predictor
-from seqmodels.significance import Comparison, compare_language_models, compare_translations
+from seqmodels.evaluation.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    compare_with_champion,
+    decide,
+    decision_markdown,
+    decision_summary,
+    promotion_tags,
+)
+from seqmodels.evaluation.scoring import evaluate_predictor
 from tasks.tracking import mlflow_client
-
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -120,61 +125,6 @@ def _champion_outputs(
     return {"hypotheses": result.outputs, "line_nll": result.line_nll}
 
 
-def compare_with_champion(
-    challenger: dict, champion: dict, experiment: ExperimentConfig
-) -> Comparison:
-    n = experiment.evaluation.bootstrap_samples
-    if experiment.task == "translation":
-        return compare_translations(
-            challenger["hypotheses"], champion["hypotheses"], challenger["references"], n
-        )
-    return compare_language_models(
-        np.asarray(challenger["line_nll"]),
-        np.asarray(champion["line_nll"]),
-        np.asarray(challenger["line_chars"]),
-        n,
-    )
-
-
-def decide(comparison: Comparison | None, higher_is_better: bool, alpha: float) -> tuple[bool, str]:
-    if comparison is None:
-        return True, "no champion yet"
-    better = (comparison.challenger > comparison.champion) == higher_is_better and (
-        comparison.challenger != comparison.champion
-    )
-    if better and comparison.p_value < alpha:
-        return True, f"better and significant (p={comparison.p_value:.4f} < {alpha})"
-    if better:
-        return False, f"better but not significant (p={comparison.p_value:.4f} >= {alpha})"
-    return False, f"not better (p={comparison.p_value:.4f})"
-
-
-def decision_markdown(
-    name: str,
-    version: str,
-    model_name: str,
-    champion: str | None,
-    c: Comparison | None,
-    promoted: bool,
-    reason: str,
-) -> str:
-    lines = [f"# Promotion decision: {name} version {version} ({model_name})", ""]
-    lines.append(f"**{'promoted to champion' if promoted else 'champion kept'}**: {reason}")
-    if c is not None:
-        lines += [
-            "",
-            f"| | version | {c.metric} | 95% interval |",
-            "|---|---:|---:|---|",
-            f"| challenger | {version} | {c.challenger:.4f} | "
-            f"{c.challenger_ci[0]:.4f} – {c.challenger_ci[1]:.4f} |",
-            f"| champion | {champion} | {c.champion:.4f} | "
-            f"{c.champion_ci[0]:.4f} – {c.champion_ci[1]:.4f} |",
-            "",
-            f"Paired bootstrap, {c.n_samples} resamples: p = {c.p_value:.4f}.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 @task(name="promote", timeout_seconds=3600)
 def promote_if_better(
     registered_name: str,
@@ -213,23 +163,8 @@ def promote_if_better(
             )
             comparison = compare_with_champion(outputs, champion_outputs, experiment)
         promoted, reason = decide(comparison, experiment.higher_is_better, alpha)
-        tags = {
-            "promotion.decision": "promoted" if promoted else "not promoted",
-            "promotion.reason": reason,
-            "promotion.champion_version": str(champion),
-            "promotion.alpha": str(alpha),
-        }
+        tags = promotion_tags(comparison, promoted, reason, champion, alpha)
         if comparison is not None:
-            tags.update(
-                {
-                    "promotion.metric": comparison.metric,
-                    "promotion.challenger_score": f"{comparison.challenger:.6f}",
-                    "promotion.champion_score": f"{comparison.champion:.6f}",
-                    "promotion.p_value": f"{comparison.p_value:.6f}",
-                    "promotion.challenger_ci": "[{:.4f}, {:.4f}]".format(*comparison.challenger_ci),
-                    "promotion.champion_ci": "[{:.4f}, {:.4f}]".format(*comparison.champion_ci),
-                }
-            )
             client.log_metric(run_id, "promotion_p_value", comparison.p_value)
         for key, value in tags.items():
             client.set_model_version_tag(registered_name, version, key, value)
@@ -241,9 +176,7 @@ def promote_if_better(
             client.set_registered_model_alias(registered_name, CHAMPION, version)
             client.delete_registered_model_alias(registered_name, CHALLENGER)
     create_markdown_artifact(markdown=report, description=f"{model_name}: promotion decision")
-    decision = f"version {version} ({model_name}): " + (
-        f"promoted to champion ({reason})" if promoted else f"not promoted ({reason})"
-    )
+    decision = decision_summary(version, model_name, promoted, reason)
     get_run_logger().info(decision)
     return {
         "promoted": promoted,

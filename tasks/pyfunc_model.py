@@ -11,20 +11,24 @@ so loading needs only the Python packages, not this repository.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.models import set_model
 
 
 class SeqModelPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from seqmodels.predictor import load_predictor
+        from seqmodels.models.folder import load_predictor
 
         self.predictor = load_predictor(Path(context.artifacts["model_dir"]))
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        import pandas as pd
-
+    # The input hint is a DataFrame because that is what MLflow hands over for the signature's
+    # one string column; with it MLflow neither warns nor re-validates (lists still work).
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
         params = dict(params or {})
         if isinstance(model_input, pd.DataFrame):
             texts = [str(x) for x in model_input.iloc[:, 0]]

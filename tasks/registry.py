@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -18,10 +17,7 @@ from prefect import task
 from prefect.transactions import get_transaction
 
 import seqmodels
-from tasks.promotion import CHALLENGER, CHAMPION
 from tasks.tracking import mlflow_client
-
-__all__ = ["CHALLENGER", "CHAMPION", "register_model_version"]
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # The pyfunc needs these at load time; listing them saves MLflow ~5 s of inference per model.
@@ -48,7 +44,7 @@ def _signature(task_kind: str) -> ModelSignature:
 def _log_dataset_input(client: mlflow.MlflowClient, run_id: str, parquet: str, digest: str):
     """Record the cleaned Parquet as the run's input through the MLflow dataset API."""
     import pyarrow.parquet as pq
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
@@ -56,9 +52,11 @@ def _log_dataset_input(client: mlflow.MlflowClient, run_id: str, parquet: str, d
     schema = Schema(
         [ColSpec("long" if str(f.type) == "int64" else "string", f.name) for f in columns]
     )
-    dataset = MetaDataset(
-        resolve_dataset_source(parquet), Path(parquet).parent.name, digest[:16], schema
-    )
+    # A local path matches MLflow's local-file source twice (for "" and "file:"), which makes
+    # resolve_dataset_source warn; the source is known, so it is built directly.
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    source = local(Path(parquet).resolve().as_uri())
+    dataset = MetaDataset(source, Path(parquet).parent.name, digest[:16], schema)
     context = InputTag(key="mlflow.data.context", value="train+valid+test")
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
 
@@ -89,9 +87,7 @@ def register_model_version(
     shutil.copytree(
         trained["model_dir"], model_dir, ignore=shutil.ignore_patterns("checkpoints", "evaluation")
     )
-    with staging, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature is given explicitly; MLflow's hint about type hints does not apply.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    with staging, mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),

@@ -132,10 +132,10 @@ def http_mirror(mirror):
 def tiny_ngram_dir(tmp_path):
     """A real, finished 3-gram model folder (tmp_path/model) trained on a tiny text; its
     cleaned Parquet is tmp_path/clean/corpus.parquet."""
-    from seqmodels.clean import InputFile, clean_corpus
-    from seqmodels.config import CleanConfig, ModelSpec, VocabConfig
-    from seqmodels.recipes import train_model
-    from seqmodels.vocab import train_sentencepiece
+    from seqmodels.config import CleanConfig, VocabConfig, parse_model_spec
+    from seqmodels.data.clean import InputFile, clean_corpus
+    from seqmodels.data.vocab import train_sentencepiece
+    from seqmodels.models.folder import train_model
 
     text = tmp_path / "t.txt"
     text.write_text(
@@ -150,6 +150,10 @@ def tiny_ngram_dir(tmp_path):
     spm = train_sentencepiece(parquet, ["text"], tmp_path / "vocab", VocabConfig(vocab_size=40))
     out = tmp_path / "model"
     train_model(
-        ModelSpec(type="ngram", architecture={"order": 3}), "language_model", parquet, spm, out
+        parse_model_spec({"type": "ngram", "architecture": {"order": 3}}),
+        "language_model",
+        parquet,
+        spm,
+        out,
     )
     return out

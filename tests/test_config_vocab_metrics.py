@@ -7,10 +7,11 @@ import math
 import pytest
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from seqmodels.clean import InputFile, clean_corpus
 from seqmodels.config import CleanConfig, ConfigError, VocabConfig, load_config
-from seqmodels.metrics import language_model_metrics, text_units, translation_metrics
-from seqmodels.vocab import load_sentencepiece, train_sentencepiece
+from seqmodels.data.clean import InputFile, clean_corpus
+from seqmodels.data.vocab import train_sentencepiece
+from seqmodels.evaluation.metrics import language_model_metrics, text_units, translation_metrics
+from seqmodels.files import load_sentencepiece
 from tests.conftest import REPO
 
 
@@ -18,12 +19,12 @@ def test_shipped_configs_are_valid_and_gpu_overrides_only_sizes():
     default = load_config(REPO / "configs/default.yaml")
     gpu = load_config(REPO / "configs/gpu.yaml")
     mt, mt_gpu = default.experiments["mt-multi30k-de-en"], gpu.experiments["mt-multi30k-de-en"]
-    assert mt_gpu.models["transformer"].architecture["d_model"] == 512
+    assert mt_gpu.models["transformer"].architecture.d_model == 512
     assert mt_gpu.corpus == mt.corpus  # inherited, not repeated
     # The CPU profile's wall-clock caps must not leak into the GPU profile through the merge.
     for exp in gpu.experiments.values():
         for spec in exp.models.values():
-            assert spec.training.get("max_train_minutes") is None
+            assert getattr(spec.training, "max_train_minutes", None) is None
     assert mt.primary_metric == "test_bleu" and mt.higher_is_better
     assert default.experiments["lm-shakespeare"].primary_metric == "test_bits_per_char"
 
@@ -55,7 +56,8 @@ def test_unknown_key_error_names_the_file_and_the_field(tmp_path):
 
 def test_unknown_architecture_key_and_wrong_model_type_are_refused(tmp_path):
     path = _write_yaml(tmp_path / "c.yaml", MINIMAL % ("transformer_lm", "{layers: 3}"))
-    with pytest.raises(ConfigError, match="unknown architecture key 'layers'"):
+    expected = r"experiments.lm.models.m \(transformer_lm\).architecture.layers: Extra inputs"
+    with pytest.raises(ConfigError, match=expected):
         load_config(path)
     path = _write_yaml(tmp_path / "d.yaml", MINIMAL % ("transformer_seq2seq", "{}"))
     with pytest.raises(ConfigError, match="not a language_model model"):
@@ -70,6 +72,8 @@ def test_mirror_env_comes_before_config_mirrors(tmp_path, monkeypatch):
 
 def test_mlflow_tracking_uri_env_wins(tmp_path, monkeypatch):
     path = _write_yaml(tmp_path / "c.yaml", MINIMAL % ("ngram", "{}"))
+    # mlflow.set_tracking_uri (tasks.tracking.mlflow_client) sets it for the whole session.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert load_config(path).resolved_tracking_uri().startswith("sqlite:////")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert load_config(path).resolved_tracking_uri() == "http://127.0.0.1:5000"

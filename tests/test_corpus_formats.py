@@ -10,11 +10,11 @@ import zipfile
 import polars as pl
 import pytest
 
-from seqmodels.archive import UnsafeArchiveError, extract_member
-from seqmodels.clean import CorpusFormatError, InputFile, clean_corpus
-from seqmodels.clean_report import report_markdown
 from seqmodels.config import CleanConfig, CorpusConfig, SourceFile
-from seqmodels.corpus_reader import prepare_inputs
+from seqmodels.data.archive import UnsafeArchiveError, extract_member
+from seqmodels.data.clean import CorpusFormatError, InputFile, clean_corpus
+from seqmodels.data.clean_report import report_markdown
+from seqmodels.data.corpus_reader import prepare_inputs
 
 
 def _lines(path, lines):

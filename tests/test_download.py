@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from seqmodels.config import SourceFile
-from seqmodels.download import (
+from seqmodels.data.download import (
     ChecksumMismatchError,
     DownloadError,
     TransientDownloadError,
     download_file,
     mirror_candidates,
 )
-from seqmodels.textfile import CorruptInputError, prepare_text_file
+from seqmodels.data.textfile import CorruptInputError, prepare_text_file
 from tests.conftest import MULTI30K, SHAKESPEARE_SHA256, SHAKESPEARE_URL
 
 SHAKESPEARE_PATH = "/" + SHAKESPEARE_URL.removeprefix("https://")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,62 +11,69 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from seqmodels import BOS_ID, EOS_ID, PAD_ID, inference
-from seqmodels.decoding import (
+from seqmodels import BOS_ID, EOS_ID, PAD_ID
+from seqmodels.inference import predictors
+from seqmodels.inference.decoding import (
     beam_search,
     greedy_decode,
     sample_continuation,
     sequence_log_probs,
 )
-from seqmodels.inference import NeuralLanguageModel, Translator, load_model
-from seqmodels.lm_models import (
-    RNNLMConfig,
-    TransformerLMConfig,
-)
-from seqmodels.seq2seq_models import (
-    LSTMSeq2SeqConfig,
-    TransformerSeq2SeqConfig,
-)
-from seqmodels.training import (
-    TrainConfig,
-    _token_batches,
-    build_model,
-    lr_at,
-    save_model_config,
-    save_weights,
-    train_language_model,
-    train_translation_model,
-)
+from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
+from seqmodels.models import FAMILIES
+from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
+from seqmodels.models.recurrent_lm import RecurrentLMArchitecture
+from seqmodels.models.transformer_lm import TransformerLMArchitecture
+from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture
+from seqmodels.training.batching import token_batches
+from seqmodels.training.checkpoint import list_checkpoints, load_checkpoint
+from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings
+from seqmodels.training.trainer import lr_at, save_weights
+from tests.model_helpers import FamilyArch, build, load_trained, train_lm, train_s2s
 
 V = 40  # tiny vocabulary for model-level tests
 
 TINY_LMS = {
-    "transformer": TransformerLMConfig(
-        vocab_size=V, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, dropout=0.0
+    "transformer": FamilyArch(
+        "transformer_lm",
+        TransformerLMArchitecture(
+            block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, dropout=0.0
+        ),
     ),
-    "lstm": RNNLMConfig(vocab_size=V, cell="lstm", emb_dim=32, hidden_size=32, n_layers=2),
-    "gru": RNNLMConfig(vocab_size=V, cell="gru", emb_dim=16, hidden_size=32, n_layers=1),
+    "lstm": FamilyArch("lstm_lm", RecurrentLMArchitecture(emb_dim=32, hidden_size=32, n_layers=2)),
+    "gru": FamilyArch("gru_lm", RecurrentLMArchitecture(emb_dim=16, hidden_size=32, n_layers=1)),
 }
 TINY_S2S = {
-    "transformer": TransformerSeq2SeqConfig(
-        vocab_size=V, d_model=32, n_head=4, n_enc_layers=2, n_dec_layers=2, d_ff=64, dropout=0.0
+    "transformer": FamilyArch(
+        "transformer_seq2seq",
+        TransformerSeq2SeqArchitecture(
+            d_model=32, n_head=4, n_enc_layers=2, n_dec_layers=2, d_ff=64, dropout=0.0
+        ),
     ),
-    "transformer_learned_unshared": TransformerSeq2SeqConfig(
-        vocab_size=V, d_model=32, n_head=4, d_ff=64, positions="learned", share_embeddings=False
+    "transformer_learned_unshared": FamilyArch(
+        "transformer_seq2seq",
+        TransformerSeq2SeqArchitecture(
+            d_model=32, n_head=4, d_ff=64, positions="learned", share_embeddings=False
+        ),
     ),
-    "lstm": LSTMSeq2SeqConfig(vocab_size=V, emb_dim=16, enc_hidden=16, dec_hidden=32),
-    "lstm_feed_additive": LSTMSeq2SeqConfig(
-        vocab_size=V,
-        emb_dim=16,
-        enc_hidden=16,
-        dec_hidden=32,
-        n_enc_layers=2,
-        n_dec_layers=2,
-        attention="additive",
-        input_feeding=True,
+    "lstm": FamilyArch(
+        "lstm_seq2seq", LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=32)
     ),
-    "lstm_dot": LSTMSeq2SeqConfig(
-        vocab_size=V, emb_dim=16, enc_hidden=16, dec_hidden=32, attention="dot"
+    "lstm_feed_additive": FamilyArch(
+        "lstm_seq2seq",
+        LSTMSeq2SeqArchitecture(
+            emb_dim=16,
+            enc_hidden=16,
+            dec_hidden=32,
+            n_enc_layers=2,
+            n_dec_layers=2,
+            attention="additive",
+            input_feeding=True,
+        ),
+    ),
+    "lstm_dot": FamilyArch(
+        "lstm_seq2seq",
+        LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=32, attention="dot"),
     ),
 }
 
@@ -82,9 +88,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_model(config, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(config).eval()
+def tiny_model(spec: FamilyArch, seed: int = 0):
+    return build(spec, V, seed).eval()
 
 
 def padded_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +124,8 @@ def test_transformer_lm_kv_cache_matches_full_forward():
     full, _ = model(x)
     parts, cache = [], None
     for a, b in [(0, 5), (5, 6), (6, 11), (11, 14)]:  # multi-token and single-token steps
-        logits, cache = model(x[:, a:b], cache, use_cache=True)
+        logits, cache = model(x[:, a:b], cache)  # the Transformer LM's state is its cache
+        assert model.state_length(cache) == b
         parts.append(logits)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -232,11 +238,13 @@ def test_beam_search_scores_at_least_greedy(name):
 
 
 def test_lr_schedules():
-    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100, schedule="inverse_sqrt")
+    cfg = LMTrainSettings(lr=1e-3, warmup_steps=10, max_steps=100, schedule="inverse_sqrt")
     assert lr_at(5, cfg) == pytest.approx(5e-4)
     assert lr_at(10, cfg) == pytest.approx(1e-3)
     assert lr_at(40, cfg) == pytest.approx(5e-4)
-    cos = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=100, schedule="cosine", min_lr_ratio=0.1)
+    cos = Seq2SeqTrainSettings(
+        lr=1e-3, warmup_steps=10, max_steps=100, schedule="cosine", min_lr_ratio=0.1
+    )
     assert lr_at(10, cos) == pytest.approx(1e-3)
     assert lr_at(100, cos) == pytest.approx(1e-4)
 
@@ -245,7 +253,7 @@ def test_token_batches_are_bucketed_and_cover_everything():
     rng = np.random.default_rng(0)
     src_lens = rng.integers(1, 30, 500)
     tgt_lens = rng.integers(1, 30, 500)
-    batches = _token_batches(src_lens, tgt_lens, 200, rng)
+    batches = token_batches(src_lens, tgt_lens, 200, rng)
     assert sorted(np.concatenate(batches).tolist()) == list(range(500))
     for b in batches:
         longest = np.maximum(src_lens[b], tgt_lens[b]).max()
@@ -264,15 +272,20 @@ def repeating_stream(n_lines: int, seed: int = 0) -> np.ndarray:
 
 TRAINABLE_LMS = {
     "transformer": (TINY_LMS["transformer"], 5e-3),
-    "lstm": (RNNLMConfig(vocab_size=V, emb_dim=32, hidden_size=32, n_layers=1, dropout=0.0), 2e-2),
+    "lstm": (
+        FamilyArch(
+            "lstm_lm", RecurrentLMArchitecture(emb_dim=32, hidden_size=32, n_layers=1, dropout=0.0)
+        ),
+        2e-2,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", TRAINABLE_LMS)
 def test_train_language_model_learns_and_checkpoint_reloads(name, tmp_path):
     seen = []
-    config, lr = TRAINABLE_LMS[name]
-    cfg = TrainConfig(
+    spec, lr = TRAINABLE_LMS[name]
+    cfg = LMTrainSettings(
         max_steps=120,
         batch_tokens=256,
         lr=lr,
@@ -281,8 +294,9 @@ def test_train_language_model_learns_and_checkpoint_reloads(name, tmp_path):
         log_every=10,
         block_size=16,
     )
-    result = train_language_model(
-        config,
+    result = train_lm(
+        spec,
+        V,
         repeating_stream(400),
         repeating_stream(50, seed=1),
         cfg,
@@ -296,24 +310,29 @@ def test_train_language_model_learns_and_checkpoint_reloads(name, tmp_path):
     assert {"train_loss", "lr", "tokens_per_s"} <= set(seen[0][0])
     assert any(set(m) == {"valid_loss", "valid_ppl"} for m, _ in seen)
 
-    meta = json.loads((tmp_path / "model_config.json").read_text())
-    assert meta["arch"] == {"transformer": "transformer_lm", "lstm": "rnn_lm"}[name]
+    # The trainer writes weights only (no model_config.json); what the model is, is recorded
+    # with the checkpoints (the folder's metadata is written by seqmodels.models.folder).
+    assert not (tmp_path / "model_config.json").exists()
+    meta = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1][1])["model_identity"]
+    assert meta["type"] == {"transformer": "transformer_lm", "lstm": "lstm_lm"}[name]
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    model = load_model(tmp_path, device="cpu")
+    model = load_trained(spec, V, tmp_path)
     x = torch.from_numpy(repeating_stream(3).astype(np.int64))[None, :16]
-    reloaded = build_model(type(config)(**meta["config"])).eval()
+    family = FAMILIES[meta["type"]]
+    arch = family.Architecture.model_validate(meta["architecture"])
+    reloaded = family.build(arch, meta["vocab_size"]).eval()
     reloaded.load_state_dict(state)
     torch.testing.assert_close(model(x)[0], reloaded(x)[0])
 
 
 def test_training_without_validation_keeps_final_weights(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"stale weights from an older run")
-    cfg = TrainConfig(max_steps=5, batch_tokens=64, block_size=8, log_every=5)
+    cfg = LMTrainSettings(max_steps=5, batch_tokens=64, block_size=8, log_every=5)
     no_valid = np.array([], dtype=np.int32)
-    result = train_language_model(TINY_LMS["gru"], repeating_stream(50), no_valid, cfg, tmp_path)
+    result = train_lm(TINY_LMS["gru"], V, repeating_stream(50), no_valid, cfg, tmp_path)
     assert result.steps == 5 and math.isinf(result.best_valid_loss)
-    assert isinstance(load_model(tmp_path, device="cpu"), torch.nn.Module)
+    assert isinstance(load_trained(TINY_LMS["gru"], V, tmp_path), torch.nn.Module)
 
 
 def copy_pairs(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -327,7 +346,7 @@ def copy_pairs(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def test_train_translation_model_learns_copy_task(tmp_path):
     seen = []
-    cfg = TrainConfig(
+    cfg = Seq2SeqTrainSettings(
         max_steps=250,
         batch_tokens=512,
         lr=1e-2,
@@ -336,9 +355,13 @@ def test_train_translation_model_learns_copy_task(tmp_path):
         log_every=50,
         label_smoothing=0.0,
     )
-    config = LSTMSeq2SeqConfig(vocab_size=16, emb_dim=64, enc_hidden=32, dec_hidden=64, dropout=0.0)
-    result = train_translation_model(
-        config,
+    spec = FamilyArch(
+        "lstm_seq2seq",
+        LSTMSeq2SeqArchitecture(emb_dim=64, enc_hidden=32, dec_hidden=64, dropout=0.0),
+    )
+    result = train_s2s(
+        spec,
+        16,
         copy_pairs(1000, 0),
         copy_pairs(100, 1),
         cfg,
@@ -347,7 +370,7 @@ def test_train_translation_model_learns_copy_task(tmp_path):
     )
     assert result.best_valid_loss < 0.3
     assert 0.0 < result.padding_fraction < 0.5
-    model = load_model(tmp_path, device="cpu")
+    model = load_trained(spec, 16, tmp_path)
     tests = [[5, 9, 7, 4], [11, 6, 8]]
     src, mask = padded_batch([t + [EOS_ID] for t in tests])
     assert beam_search(model, src, mask, beam_size=3) == tests
@@ -355,7 +378,7 @@ def test_train_translation_model_learns_copy_task(tmp_path):
 
 def test_transformer_seq2seq_overfits_few_pairs(tmp_path):
     pairs = copy_pairs(8, 2)
-    cfg = TrainConfig(
+    cfg = Seq2SeqTrainSettings(
         max_steps=200,
         batch_tokens=64,
         lr=1e-2,
@@ -364,7 +387,7 @@ def test_transformer_seq2seq_overfits_few_pairs(tmp_path):
         log_every=50,
         label_smoothing=0.0,
     )
-    result = train_translation_model(TINY_S2S["transformer"], pairs, pairs, cfg, tmp_path)
+    result = train_s2s(TINY_S2S["transformer"], V, pairs, pairs, cfg, tmp_path)
     assert result.best_valid_loss < 0.1
 
 
@@ -411,25 +434,31 @@ def spm_path(tmp_path_factory) -> Path:
     return d / "sp.model"
 
 
-def save_random_model(config, out_dir: Path, seed: int = 0) -> torch.nn.Module:
+def save_random_model(spec: FamilyArch, out_dir: Path, seed: int = 0) -> torch.nn.Module:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = tiny_model(config, seed)
-    save_model_config(config, out_dir)
+    model = tiny_model(spec, seed)
     save_weights(model, out_dir)
     return model
 
 
+def load_lm(spec: FamilyArch, model_dir: Path, spm_path: Path) -> NeuralLMPredictor:
+    """The saved weights rebuilt on the CPU, as a predictor with the test vocabulary."""
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    return NeuralLMPredictor(load_trained(spec, V, model_dir), sp)
+
+
 @pytest.mark.parametrize("name", ["transformer", "lstm"])
 def test_total_nll_equals_hand_computed_sum(name, spm_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(inference, "RNN_WINDOW", 5)  # RNN: state carried over many chunks
-    config = {
-        "transformer": TransformerLMConfig(
-            vocab_size=V, block_size=8, n_layer=2, n_head=2, d_model=16, d_ff=32
+    monkeypatch.setattr(predictors, "RNN_WINDOW", 5)  # RNN: state carried over many chunks
+    spec = {
+        "transformer": FamilyArch(
+            "transformer_lm",
+            TransformerLMArchitecture(block_size=8, n_layer=2, n_head=2, d_model=16, d_ff=32),
         ),
         "lstm": TINY_LMS["lstm"],
     }[name]
-    model = save_random_model(config, tmp_path / "lm")
-    lm = NeuralLanguageModel(tmp_path / "lm", spm_path, device="cpu")
+    model = save_random_model(spec, tmp_path / "lm")
+    lm = load_lm(spec, tmp_path / "lm", spm_path)
     sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     lines = ["the cat sat on the mat", "a big red dog ran under the tree", "", "blue house"] * 2
     ids = [EOS_ID]
@@ -458,7 +487,7 @@ def context_start(j: int, block: int) -> int:
 
 def test_generate_returns_seeded_continuations(spm_path, tmp_path):
     save_random_model(TINY_LMS["transformer"], tmp_path / "lm")
-    lm = NeuralLanguageModel(tmp_path / "lm", spm_path, device="cpu")
+    lm = load_lm(TINY_LMS["transformer"], tmp_path / "lm", spm_path)
     outs = lm.generate(["the cat", ""], max_new_tokens=10, top_k=20, seed=7)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert outs == lm.generate(["the cat", ""], max_new_tokens=10, top_k=20, seed=7)
@@ -467,7 +496,9 @@ def test_generate_returns_seeded_continuations(spm_path, tmp_path):
 @pytest.mark.parametrize("name", ["transformer", "lstm"])
 def test_translator_batching_keeps_order_and_results(name, spm_path, tmp_path):
     save_random_model(TINY_S2S[name], tmp_path / "mt", seed=1)
-    tr = Translator(tmp_path / "mt", spm_path, device="cpu", beam_size=3, batch_size=2)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    model = load_trained(TINY_S2S[name], V, tmp_path / "mt")
+    tr = TranslationPredictor(model, sp, {"beam_size": 3, "batch_size": 2})
     sentences = ["the big dog", "a cat sat on the red mat under a tree", "log", "", "blue house"]
     out = tr.translate(sentences)
     assert len(out) == len(sentences) and all(isinstance(o, str) for o in out)

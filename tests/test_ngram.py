@@ -1,4 +1,4 @@
-"""Tests for seqmodels.ngram: modified Kneser-Ney estimation, scoring, sampling and file formats."""
+"""seqmodels.models.ngram: modified Kneser-Ney estimation, scoring, sampling, file formats."""
 
 from collections import Counter, defaultdict
 from fractions import Fraction as F
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from seqmodels import BOS_ID, EOS_ID, UNK_ID
-from seqmodels.ngram import FALLBACK_DISCOUNTS, KneserNeyLM
+from seqmodels.models.ngram import FALLBACK_DISCOUNTS, KneserNeyLM
 
 V = 50  # ids 0..3 are pad/unk/bos/eos, 4..49 are "words"
 

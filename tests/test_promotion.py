@@ -19,8 +19,9 @@ from prefect import flow, task
 from prefect.transactions import transaction
 
 from seqmodels.config import ExperimentConfig
-from seqmodels.significance import compare_language_models, compare_translations
-from tasks.promotion import CHALLENGER, CHAMPION, decide, promote_if_better
+from seqmodels.evaluation.promotion import CHALLENGER, CHAMPION, decide
+from seqmodels.evaluation.significance import compare_language_models, compare_translations
+from tasks.promotion import promote_if_better
 from tasks.registry import register_model_version
 from tasks.tracking import experiment_id, mlflow_client
 

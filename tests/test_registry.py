@@ -3,7 +3,7 @@ are tested in test_promotion.py)."""
 
 from __future__ import annotations
 
-from seqmodels.predictor import load_predictor
+from seqmodels.models.folder import load_predictor
 
 
 def test_language_model_continuations_run_across_line_ends(tiny_ngram_dir):

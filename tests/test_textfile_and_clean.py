@@ -8,16 +8,16 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from seqmodels.clean import (
+from seqmodels.config import CleanConfig
+from seqmodels.data.clean import (
     MONOLINGUAL_SCHEMA,
     PARALLEL_SCHEMA,
     AlignmentError,
     InputFile,
     clean_corpus,
 )
-from seqmodels.clean_report import report_markdown, write_report
-from seqmodels.config import CleanConfig
-from seqmodels.textfile import CorruptInputError, prepare_text_file
+from seqmodels.data.clean_report import report_markdown, write_report
+from seqmodels.data.textfile import CorruptInputError, prepare_text_file
 
 
 def test_prepare_fixes_bom_crlf_nul_and_invalid_utf8_and_counts_each(tmp_path):

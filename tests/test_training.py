@@ -16,35 +16,39 @@ import numpy as np
 import pytest
 import torch
 
-from seqmodels import EOS_ID, flops
-from seqmodels.batching import LMBatches, PairBatches, prepare_pairs
-from seqmodels.checkpoint import (
+from seqmodels import EOS_ID
+from seqmodels.inference.predictors import NeuralLMPredictor
+from seqmodels.models.folder import load_predictor
+from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
+from seqmodels.models.transformer_lm import TransformerLMArchitecture
+from seqmodels.models.transformer_seq2seq import ENCODER_PREFIXES, TransformerSeq2SeqArchitecture
+from seqmodels.torchrun import run_spec, save_pairs
+from seqmodels.training import flops, trainer
+from seqmodels.training.batching import LMBatches, PairBatches, prepare_pairs
+from seqmodels.training.checkpoint import (
     average_state_dicts,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
 )
-from seqmodels.distributed import run_spec, save_pairs
-from seqmodels.flops import matmul_params, train_flops_per_token
-from seqmodels.lm_models import TransformerLMConfig
-from seqmodels.seq2seq_models import LSTMSeq2SeqConfig, TransformerSeq2SeqConfig
-from seqmodels.training import (
-    TrainConfig,
-    build_model,
-    train_language_model,
-    train_translation_model,
-)
+from seqmodels.training.flops import matmul_params
+from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings
 from tests.conftest import REPO
+from tests.model_helpers import FamilyArch, build, train_lm, train_s2s
 
 V = 24
 # Dropout on, so exact resume also needs the torch RNG state restored.
-LM = TransformerLMConfig(
-    vocab_size=V, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, dropout=0.1
+LM = FamilyArch(
+    "transformer_lm",
+    TransformerLMArchitecture(block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, dropout=0.1),
 )
-LM_NO_DROPOUT = TransformerLMConfig(
-    vocab_size=V, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, dropout=0.0
+LM_NO_DROPOUT = FamilyArch(
+    "transformer_lm",
+    TransformerLMArchitecture(block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64, dropout=0.0),
 )
-S2S = LSTMSeq2SeqConfig(vocab_size=V, emb_dim=16, enc_hidden=16, dec_hidden=32, dropout=0.2)
+S2S = FamilyArch(
+    "lstm_seq2seq", LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=32, dropout=0.2)
+)
 PEAK = 1e11  # SEQMODELS_PEAK_FLOPS in these tests: no benchmark run
 
 
@@ -80,26 +84,26 @@ def copy_pairs(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def lm_cfg(**kw) -> TrainConfig:
+def lm_cfg(**kw) -> LMTrainSettings:
     base = dict(max_steps=24, batch_tokens=64, block_size=16, lr=5e-3, warmup_steps=4)
-    return TrainConfig(**{**base, "eval_every": 6, "log_every": 1, **kw})
+    return LMTrainSettings(**{**base, "eval_every": 6, "log_every": 1, **kw})
 
 
 # --- jobs shared by the test process and the subprocess it kills ------------------------
 
 
 def lm_job(out_dir: Path, on_metrics=None):
-    return train_language_model(
-        LM, lm_stream(150, 0), lm_stream(15, 1), lm_cfg(), out_dir, on_metrics=on_metrics
+    return train_lm(
+        LM, V, lm_stream(150, 0), lm_stream(15, 1), lm_cfg(), out_dir, on_metrics=on_metrics
     )
 
 
 def s2s_job(out_dir: Path, on_metrics=None):
-    cfg = TrainConfig(
+    cfg = Seq2SeqTrainSettings(
         max_steps=24, batch_tokens=48, lr=1e-2, warmup_steps=4, eval_every=6, log_every=1
     )
-    return train_translation_model(
-        S2S, copy_pairs(120, 0), copy_pairs(12, 1), cfg, out_dir, on_metrics=on_metrics
+    return train_s2s(
+        S2S, V, copy_pairs(120, 0), copy_pairs(12, 1), cfg, out_dir, on_metrics=on_metrics
     )
 
 
@@ -166,9 +170,7 @@ def test_checkpoints_hold_the_full_state_and_load_weights_only(tmp_path):
         assert {"model", "optimizer", "scaler", "rng", "data", "progress", "config_hash"} <= set(ck)
         assert isinstance(ck["rng"]["torch"], torch.Tensor) and len(ck["rng"]["python"][1]) > 600
         assert ck["data"]["rng"]["bit_generator"] == "PCG64"
-        assert (
-            ck["optimizer"]["state"] and ck["model"].keys() == build_model(LM).state_dict().keys()
-        )
+        assert ck["optimizer"]["state"] and ck["model"].keys() == build(LM, V).state_dict().keys()
     history = load_checkpoint(ckpts[-1][1])["progress"]["valid_metrics"]
     assert [s for s, _ in history] == [6, 12, 18, 24]
     assert -max(m for _, m in history) == pytest.approx(result.best_valid_loss)
@@ -176,7 +178,7 @@ def test_checkpoints_hold_the_full_state_and_load_weights_only(tmp_path):
 
 def test_checkpoint_every_and_pruning(tmp_path):
     cfg = lm_cfg(max_steps=7, eval_every=100, checkpoint_every=3, keep_last=10)
-    train_language_model(LM, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
+    train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 6, 7]
 
     d = tmp_path / "synthetic"
@@ -191,21 +193,17 @@ def test_checkpoint_every_and_pruning(tmp_path):
 
 
 def test_changed_config_or_resume_false_starts_afresh(tmp_path):
-    train_language_model(LM, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=6), tmp_path)
-    again = train_language_model(
-        LM, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=12), tmp_path
-    )
+    train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=6), tmp_path)
+    again = train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=12), tmp_path)
     assert again.resumed_from_step == 0  # max_steps shapes the schedule: not resumable
-    longer = train_language_model(  # only a resume-free field changed: continues
-        LM, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=12, log_every=3), tmp_path
+    longer = train_lm(  # only a resume-free field changed: continues
+        LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=12, log_every=3), tmp_path
     )
     assert longer.resumed_from_step == 12 and longer.steps == 12
-    other_data = train_language_model(
-        LM, lm_stream(50, 2), lm_stream(5, 1), lm_cfg(max_steps=12), tmp_path
-    )
+    other_data = train_lm(LM, V, lm_stream(50, 2), lm_stream(5, 1), lm_cfg(max_steps=12), tmp_path)
     assert other_data.resumed_from_step == 0
-    fresh = train_language_model(
-        LM, lm_stream(50, 2), lm_stream(5, 1), lm_cfg(max_steps=12, resume=False), tmp_path
+    fresh = train_lm(
+        LM, V, lm_stream(50, 2), lm_stream(5, 1), lm_cfg(max_steps=12, resume=False), tmp_path
     )
     assert fresh.resumed_from_step == 0
 
@@ -242,8 +240,8 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     def run(out, **kw):
         cfg = lm_cfg(max_steps=5, eval_every=5, checkpoint_every=0, **kw)
         seen = []
-        train_language_model(
-            LM_NO_DROPOUT, lm_stream(80, 0), lm_stream(5, 1), cfg, tmp_path / out,
+        train_lm(
+            LM_NO_DROPOUT, V, lm_stream(80, 0), lm_stream(5, 1), cfg, tmp_path / out,
             on_metrics=lambda m, s: "train_loss" in m and seen.append(m["train_loss"]),
         )  # fmt: skip
         return torch.load(tmp_path / out / "model.pt", weights_only=True), seen
@@ -257,10 +255,12 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     assert any(not torch.allclose(small[k], big[k], atol=1e-4) for k in big)
 
 
-def test_early_stopping_on_valid_loss(tmp_path):
-    # lr = 0: the validation loss never improves after the first validation.
-    cfg = lm_cfg(max_steps=100, lr=0.0, eval_every=2, early_stop_patience=2)
-    result = train_language_model(LM, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
+def test_early_stopping_on_valid_loss(tmp_path, monkeypatch):
+    # lr = 0: the validation loss never improves after the first validation. The settings
+    # refuse lr <= 0 now, so the schedule is held at 0 instead (AdamW then changes nothing).
+    monkeypatch.setattr(trainer, "lr_at", lambda step, cfg: 0.0)
+    cfg = lm_cfg(max_steps=100, eval_every=2, early_stop_patience=2)
+    result = train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
     assert result.stopped_early and result.steps == 6
 
 
@@ -275,8 +275,8 @@ def test_early_stopping_and_best_weights_by_score_fn(tmp_path):
 
     seen = []
     cfg = lm_cfg(max_steps=100, eval_every=2, early_stop_patience=2, keep_last=1, keep_best=1)
-    result = train_language_model(
-        LM, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path,
+    result = train_lm(
+        LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path,
         on_metrics=lambda m, s: seen.append(m), valid_score_fn=score,
     )  # fmt: skip
     assert result.steps == 8 and result.stopped_early and result.best_valid_score == 3.0
@@ -296,7 +296,7 @@ def test_average_state_dicts_is_the_mean():
 
 def test_average_last_n_writes_averaged_model(tmp_path):
     cfg = lm_cfg(max_steps=8, eval_every=4, average_last_n=2, keep_last=1, keep_best=0)
-    train_language_model(LM, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
+    train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
     ckpts = list_checkpoints(tmp_path / "checkpoints")
     assert [s for s, _ in ckpts] == [4, 8]  # keep_last is raised to average_last_n
     m4, m8 = (load_checkpoint(p)["model"] for _, p in ckpts)
@@ -306,7 +306,7 @@ def test_average_last_n_writes_averaged_model(tmp_path):
 
 
 def test_compile_is_off_by_default_and_saves_plain_weights(tmp_path, monkeypatch):
-    assert TrainConfig().compile is False
+    assert LMTrainSettings().compile is False and Seq2SeqTrainSettings().compile is False
     calls = []
 
     def eager_compile(model, **kw):  # the eager backend: tracing only, no C++ toolchain
@@ -317,35 +317,40 @@ def test_compile_is_off_by_default_and_saves_plain_weights(tmp_path, monkeypatch
     monkeypatch.setattr(torch, "compile", eager_compile)
     cfg = lm_cfg(max_steps=2, eval_every=2, compile=True)
     started = time.perf_counter()
-    train_language_model(LM_NO_DROPOUT, lm_stream(30, 0), lm_stream(5, 1), cfg, tmp_path)
+    train_lm(LM_NO_DROPOUT, V, lm_stream(30, 0), lm_stream(5, 1), cfg, tmp_path)
     if time.perf_counter() - started > 60:
         pytest.skip("torch.compile too slow on this machine")
     assert len(calls) == 1
     state = torch.load(tmp_path / "model.pt", weights_only=True)
-    build_model(LM_NO_DROPOUT).load_state_dict(state)  # no "_orig_mod." prefixes
+    build(LM_NO_DROPOUT, V).load_state_dict(state)  # no "_orig_mod." prefixes
 
 
 # --- FLOPs and MFU ----------------------------------------------------------------------
 
 
 def test_flops_per_token_and_mfu_reporting(tmp_path, monkeypatch):
-    model = build_model(LM)
+    model = build(LM, V)
     n_all = sum(p.numel() for p in model.parameters())
     n_pos = model.pos_emb.weight.numel()
     assert sum(matmul_params(model)) == n_all - n_pos  # tied tok_emb/head counted once
-    expected = 6 * (n_all - n_pos) + 12 * LM.n_layer * LM.d_model * 16
-    assert train_flops_per_token(model, 16) == expected
+    expected = 6 * (n_all - n_pos) + 12 * LM.arch.n_layer * LM.arch.d_model * 16
+    assert model.flops_per_token(16) == expected
 
-    t = TransformerSeq2SeqConfig(vocab_size=V, d_model=16, n_head=2, d_ff=32)
-    s2s = build_model(t)
-    enc, other = matmul_params(s2s)
-    same_len = train_flops_per_token(s2s, 0, src_len=10, tgt_len=10)
+    t = TransformerSeq2SeqArchitecture(d_model=16, n_head=2, d_ff=32)
+    s2s = build(FamilyArch("transformer_seq2seq", t), V)
+    assert ENCODER_PREFIXES == ("enc_", "encoder")
+    enc, other = matmul_params(s2s, ENCODER_PREFIXES)
+    # The logits are F.linear(x, tgt_emb.weight), so the shared table is a real matmul too;
+    # matmul_params sees only an embedding lookup (it used to add the table itself for this
+    # model), so it is added here as flops_per_token adds it.
+    other += s2s.tgt_emb.weight.numel()
+    same_len = s2s.flops_per_token(10, 10)
     attn = 12 * 16 * (t.n_enc_layers * 10 + t.n_dec_layers * 20)
     assert same_len == 6 * (enc + other) + attn
 
     seen = []
-    result = train_language_model(
-        LM, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=4), tmp_path,
+    result = train_lm(
+        LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=4), tmp_path,
         on_metrics=lambda m, s: seen.append(m),
     )  # fmt: skip
     assert all(m["mfu"] > 0 for m in seen if "train_loss" in m)
@@ -363,26 +368,27 @@ def test_flops_per_token_and_mfu_reporting(tmp_path, monkeypatch):
 
 
 def write_spec(tmp_path: Path, name: str, task: str) -> Path:
+    train = dict(max_steps=5, batch_tokens=64, lr=5e-3, warmup_steps=2, log_every=1, eval_every=5)
     if task == "language_model":
         np.save(tmp_path / "lm-train.npy", lm_stream(150, 0))
         np.save(tmp_path / "lm-valid.npy", lm_stream(15, 1))
         data = {"train": "lm-train.npy", "valid": "lm-valid.npy"}
-        arch, model = "transformer_lm", LM_NO_DROPOUT.__dict__
+        model_type, arch = LM_NO_DROPOUT.type, LM_NO_DROPOUT.arch.model_dump()
+        train["block_size"] = 16  # an LM setting: seq2seq training settings refuse it
     else:
         save_pairs(tmp_path / "mt-train.npz", copy_pairs(120, 0))
         save_pairs(tmp_path / "mt-valid.npz", copy_pairs(12, 1))
         data = {"train": "mt-train.npz", "valid": "mt-valid.npz"}
-        model = TransformerSeq2SeqConfig(
-            vocab_size=V, d_model=16, n_head=2, n_enc_layers=1, n_dec_layers=1, d_ff=32, dropout=0
-        ).__dict__
-        arch = "transformer_seq2seq"
-    train = dict(max_steps=5, batch_tokens=64, lr=5e-3, warmup_steps=2, log_every=1)
+        model_type = "transformer_seq2seq"
+        arch = TransformerSeq2SeqArchitecture(
+            d_model=16, n_head=2, n_enc_layers=1, n_dec_layers=1, d_ff=32, dropout=0
+        ).model_dump()
     spec = {
-        "task": task,
-        "arch": arch,
-        "model": model,
-        "train": {**train, "eval_every": 5, "block_size": 16},
+        "type": model_type,
+        "architecture": arch,
+        "training": train,
         "data": data,
+        "vocab_size": V,
         "out_dir": name,
     }
     path = tmp_path / f"{name}.json"
@@ -406,7 +412,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    cmd += ["-m", "seqmodels.distributed", "--spec", *specs]  # both models in one launch
+    cmd += ["-m", "seqmodels.torchrun", "--spec", *specs]  # both models in one launch
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -440,8 +446,6 @@ def test_spec_trains_from_cleaned_parquet_and_sentencepiece(tmp_path):
     import pyarrow.parquet as pq
     import sentencepiece as spm
 
-    from seqmodels.inference import load_model
-
     words = "the a cat dog sat ran on under mat log big small red blue house tree".split()
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(words, int(rng.integers(3, 9)))) for _ in range(200)]
@@ -452,14 +456,15 @@ def test_spec_trains_from_cleaned_parquet_and_sentencepiece(tmp_path):
     )  # fmt: skip
     table = {"id": list(range(200)), "split": ["train"] * 180 + ["valid"] * 20, "text": lines}
     pq.write_table(pa.table(table), tmp_path / "corpus.parquet")
-    spec = {
-        "task": "language_model",
-        "arch": "rnn_lm",
-        "model": {"vocab_size": 40, "emb_dim": 16, "hidden_size": 16, "n_layers": 1},
-        "train": {"max_steps": 3, "batch_tokens": 64, "block_size": 8, "eval_every": 3},
+    spec = {  # the vocabulary size comes from sp.model
+        "type": "lstm_lm",
+        "architecture": {"emb_dim": 16, "hidden_size": 16, "n_layers": 1},
+        "training": {"max_steps": 3, "batch_tokens": 64, "block_size": 8, "eval_every": 3},
         "data": {"parquet": "corpus.parquet", "spm": "sp.model"},
         "out_dir": "model",
     }
-    result = run_spec(spec, base=tmp_path)
-    assert result.steps == 3 and math.isfinite(result.best_valid_loss)
-    assert isinstance(load_model(tmp_path / "model", device="cpu"), torch.nn.Module)
+    result = run_spec(spec, base=tmp_path)  # the family's summary
+    assert result["steps"] == 3 and math.isfinite(result["best_valid_loss"])
+    predictor = load_predictor(tmp_path / "model", device="cpu")  # a complete model folder
+    assert isinstance(predictor, NeuralLMPredictor)
+    assert isinstance(predictor.model, torch.nn.Module)

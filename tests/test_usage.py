@@ -23,7 +23,6 @@ from prefect.transactions import transaction
 from typer.testing import CliRunner
 
 from flows.cli import app
-from seqmodels.clean import InputFile, clean_corpus
 from seqmodels.config import (
     CleanConfig,
     CorpusConfig,
@@ -32,11 +31,14 @@ from seqmodels.config import (
     ModelSpec,
     SourceFile,
     VocabConfig,
+    parse_model_spec,
 )
-from seqmodels.evaluate import evaluate_model
-from seqmodels.recipes import train_model
-from seqmodels.vocab import train_sentencepiece
-from tasks.registry import CHALLENGER, CHAMPION, register_model_version
+from seqmodels.data.clean import InputFile, clean_corpus
+from seqmodels.data.vocab import train_sentencepiece
+from seqmodels.evaluation.promotion import CHALLENGER, CHAMPION
+from seqmodels.evaluation.scoring import evaluate_model
+from seqmodels.models.folder import train_model
+from tasks.registry import register_model_version
 from tasks.tracking import MetricLogger, experiment_id, mlflow_client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,17 +53,22 @@ PAIRS = [
     (f"{s} {v}{p}.", f"{se} {ve}{pe}.") for s, se in SUBJECTS for v, ve in VERBS for p, pe in PLACES
 ]
 # Tiny models that train in seconds; frequent logging makes a learning curve of a few steps.
-TINY_TRANSFORMER = ModelSpec(
-    type="transformer_seq2seq",
-    architecture={"d_model": 32, "n_head": 2, "n_enc_layers": 1, "n_dec_layers": 1, "d_ff": 64},
-    training={"max_steps": 80, "batch_tokens": 256, "lr": 1e-2, "warmup_steps": 5}
-    | {"log_every": 5, "eval_every": 40},
+TINY_TRANSFORMER = parse_model_spec(
+    {
+        "type": "transformer_seq2seq",
+        "architecture": {"d_model": 32, "n_head": 2, "n_enc_layers": 1, "n_dec_layers": 1}
+        | {"d_ff": 64},
+        "training": {"max_steps": 80, "batch_tokens": 256, "lr": 1e-2, "warmup_steps": 5}
+        | {"log_every": 5, "eval_every": 40},
+    }
 )
-TINY_LSTM = ModelSpec(
-    type="lstm_seq2seq",
-    architecture={"emb_dim": 16, "enc_hidden": 16, "dec_hidden": 32},
-    training={"max_steps": 10, "batch_tokens": 256, "lr": 1e-2, "warmup_steps": 5}
-    | {"log_every": 2, "eval_every": 5},
+TINY_LSTM = parse_model_spec(
+    {
+        "type": "lstm_seq2seq",
+        "architecture": {"emb_dim": 16, "enc_hidden": 16, "dec_hidden": 32},
+        "training": {"max_steps": 10, "batch_tokens": 256, "lr": 1e-2, "warmup_steps": 5}
+        | {"log_every": 2, "eval_every": 5},
+    }
 )
 
 
@@ -148,7 +155,7 @@ def registry(tmp_path_factory, prefect_api) -> str:
     lm_spm = train_sentencepiece(
         lm_parquet, ["text"], folder / "lm-vocab", VocabConfig(vocab_size=40)
     )
-    ngram = ModelSpec(type="ngram", architecture={"order": 3})
+    ngram = parse_model_spec({"type": "ngram", "architecture": {"order": 3}})
     lm_exp = experiment_id(client, "lm-test", uri)
     trained = _train_logged(
         client, lm_exp, "kn3", ngram, "language_model", (lm_parquet, lm_spm), folder / "kn3"

@@ -15,10 +15,11 @@ import bz2
 import gzip
 import json
 import lzma
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from seqmodels.files import atomic_path, atomic_write_text
 
 CHUNK = 8 << 20
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -69,8 +70,7 @@ def prepare_text_file(source: Path, target: Path, max_lines: int | None = None) 
     """Decompress and normalise `source` into `target` (UTF-8, LF, final newline)."""
     stats = TextFileStats()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
+    with atomic_path(target) as tmp:
         with _open(source) as f, open(tmp, "wb") as out:
             pending = b""
             first = True
@@ -108,12 +108,7 @@ def prepare_text_file(source: Path, target: Path, max_lines: int | None = None) 
                 if not block:
                     break
         # Stats first: a target without its stats file is never taken as finished.
-        stats_tmp = tmp.with_name(tmp.name + ".stats")
-        stats_tmp.write_text(json.dumps(asdict(stats)))
-        os.replace(stats_tmp, _stats_path(target))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write_text(_stats_path(target), json.dumps(asdict(stats)))
     return stats
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID
-from seqmodels.checkpoint import numpy_rng_state, set_numpy_rng_state
+from seqmodels.training.checkpoint import numpy_rng_state, set_numpy_rng_state
 
 Batch = tuple[torch.Tensor, ...]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from seqmodels.config import ExperimentConfig
-from seqmodels.data import read_split
-from seqmodels.metrics import language_model_metrics, translation_metrics
-from seqmodels.predictor import load_predictor
-from seqmodels.significance import bits_per_char_interval, bleu_interval
+from seqmodels.data.splits import read_split
+from seqmodels.evaluation.metrics import language_model_metrics, translation_metrics
+from seqmodels.evaluation.significance import bits_per_char_interval, bleu_interval
+from seqmodels.models.folder import load_predictor
 
 
 @dataclass
@@ -42,7 +42,7 @@ def evaluate_model(
 
 
 def evaluate_predictor(predictor, parquet: Path, experiment: ExperimentConfig) -> EvaluationResult:
-    """Test-split metrics of a loaded predictor (see seqmodels.predictor)."""
+    """Test-split metrics of a loaded predictor (see seqmodels.inference.predictors)."""
     ev = experiment.evaluation
     if experiment.task == "translation":
         test = read_split(parquet, "test", ["src", "tgt"])
@@ -77,6 +77,15 @@ def evaluate_predictor(predictor, parquet: Path, experiment: ExperimentConfig) -
         line_nll=line_nll.tolist(),
         line_chars=chars.tolist(),
         test_digest=test_set_digest([lines]),
+    )
+
+
+def metrics_markdown(model_name: str, result: EvaluationResult) -> str:
+    """The test metrics as a Markdown table, with the sacreBLEU signatures below it."""
+    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(result.metrics.items()))
+    signatures = "".join(f"- {k} signature: `{s}`\n" for k, s in result.signatures.items())
+    return (
+        f"# {model_name}: test metrics\n\n| metric | value |\n|---|---:|\n{table}\n\n{signatures}"
     )
 
 

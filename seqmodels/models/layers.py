@@ -1,46 +1,17 @@
-"""Neural language models: an LSTM/GRU LM and a decoder-only Transformer LM.
-
-Both models map token ids (B, T) to next-token logits (B, T, V) and return a
-recurrent state / key-value cache so that scoring and sampling can continue a
-sequence without recomputing it. The attention and feed-forward layers defined
-here are reused by the Transformer encoder-decoder in seq2seq_models.py.
-"""
+"""Building blocks shared by several model families: attention with a cacheable key/value
+projection, the Transformer feed-forward and pre-norm block, GPT-2 initialisation, sinusoidal
+positions and recurrent layers kept in float32."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqmodels import PAD_ID
-
 # One (key, value) pair per layer, each shaped (B, n_head, T_past, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class RNNLMConfig:
-    vocab_size: int = 2000
-    cell: str = "lstm"  # "lstm" | "gru"
-    emb_dim: int = 512
-    hidden_size: int = 512
-    n_layers: int = 2
-    dropout: float = 0.2
-    tie_embeddings: bool = True  # only possible when emb_dim == hidden_size
-
-
-@dataclass
-class TransformerLMConfig:
-    vocab_size: int = 2000
-    block_size: int = 128  # maximum context (learned positions)
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    d_ff: int = 1024
-    dropout: float = 0.1
 
 
 def run_rnn(rnn: nn.RNNBase, x, state=None):
@@ -54,34 +25,6 @@ def run_rnn(rnn: nn.RNNBase, x, state=None):
         if state is not None:
             state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
         return rnn(x.float(), state)
-
-
-class RNNLanguageModel(nn.Module):
-    def __init__(self, config: RNNLMConfig):
-        super().__init__()
-        if config.cell not in ("lstm", "gru"):
-            raise ValueError(f"unknown cell {config.cell!r}; use 'lstm' or 'gru'")
-        self.config = config
-        rnn_cls = nn.LSTM if config.cell == "lstm" else nn.GRU
-        self.emb = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=PAD_ID)
-        self.drop = nn.Dropout(config.dropout)
-        self.rnn = rnn_cls(
-            config.emb_dim,
-            config.hidden_size,
-            config.n_layers,
-            batch_first=True,
-            dropout=config.dropout if config.n_layers > 1 else 0.0,
-        )
-        self.head = nn.Linear(config.hidden_size, config.vocab_size)
-        nn.init.uniform_(self.emb.weight, -0.1, 0.1)
-        if config.tie_embeddings and config.emb_dim == config.hidden_size:
-            self.head.weight = self.emb.weight  # Press & Wolf (2017) weight tying
-
-    def forward(self, idx: torch.Tensor, state=None) -> tuple[torch.Tensor, object]:
-        """idx (B, T) -> logits (B, T, V) and the final recurrent state (carry it on)."""
-        x = self.drop(self.emb(idx))
-        out, state = run_rnn(self.rnn, x, state)
-        return self.head(self.drop(out)), state
 
 
 class MultiHeadAttention(nn.Module):
@@ -195,35 +138,12 @@ def init_transformer_weights(module: nn.Module, n_layers: int, std: float = 0.02
         nn.init.normal_(p, mean=0.0, std=s)
 
 
-class TransformerLanguageModel(nn.Module):
-    def __init__(self, config: TransformerLMConfig):
-        super().__init__()
-        self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.block_size, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            DecoderBlock(config.d_model, config.n_head, config.d_ff, config.dropout)
-            for _ in range(config.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_transformer_weights(self, config.n_layer)
-        self.head.weight = self.tok_emb.weight  # tied input/output embeddings
-
-    def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, use_cache: bool = False
-    ) -> tuple[torch.Tensor, KVCache | None]:
-        """idx (B, T) -> logits (B, T, V). With a cache, idx are the tokens after it."""
-        n_past = cache[0][0].size(2) if cache else 0
-        T = idx.size(1)
-        if n_past + T > self.config.block_size:
-            raise ValueError(f"sequence length {n_past + T} > block_size {self.config.block_size}")
-        pos = torch.arange(n_past, n_past + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        new_cache: KVCache = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, cache[i] if cache else None)
-            new_cache.append(kv)
-        logits = self.head(self.ln_f(x))
-        return logits, (new_cache if use_cache else None)
+def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    div = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)
+    return table

@@ -10,6 +10,7 @@ projection counts once. Seq2seq FLOPs are per target token: encoder parameters a
 encoder self-attention are scaled by the mean source/target length ratio, and the decoder
 attends over the target (self) and the source (cross). Padding is not counted, so MFU is
 the useful share of the hardware. LSTM attention and softmax FLOPs are ignored (small).
+Each model computes its own FLOPs per token (`model.flops_per_token(...)`) from these pieces.
 
 MFU = achieved FLOP/s / peak FLOP/s, where the peak is measured once per process with a
 bf16 (CUDA) or fp32 (CPU) matmul benchmark, or taken from SEQMODELS_PEAK_FLOPS.
@@ -23,15 +24,13 @@ import time
 import torch
 import torch.nn as nn
 
-from seqmodels.lm_models import TransformerLMConfig
-from seqmodels.seq2seq_models import TransformerSeq2SeqConfig
-
 PEAK_ENV = "SEQMODELS_PEAK_FLOPS"
 _peak_cache: dict[str, float] = {}
 
 
-def matmul_params(model: nn.Module) -> tuple[int, int]:
-    """(encoder, other) parameter counts that take part in matmuls (see module doc)."""
+def matmul_params(model: nn.Module, encoder_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(encoder, other) counts of the parameters that take part in matmuls (see the module
+    doc); parameters whose names start with one of `encoder_prefixes` count as encoder."""
     lookups = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Embedding)}
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -40,35 +39,20 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
     for name, p in model.named_parameters():  # shared parameters are listed once
         if id(p) in lookups:
             continue
-        if name.startswith(("enc_", "encoder")):
+        if encoder_prefixes and name.startswith(encoder_prefixes):
             enc += p.numel()
         else:
             other += p.numel()
-    tgt_emb = getattr(model, "tgt_emb", None)
-    if isinstance(model.config, TransformerSeq2SeqConfig) and tgt_emb is not None:
-        other += tgt_emb.weight.numel()  # output logits are F.linear(x, tgt_emb.weight)
     return enc, other
 
 
-def train_flops_per_token(
-    model: nn.Module, context: float, src_len: float | None = None, tgt_len: float | None = None
+def seq2seq_flops_per_token(
+    encoder_params: int, other_params: int, src_len: float, tgt_len: float
 ) -> float:
-    """Training FLOPs per predicted token. LMs: `context` is the block size. Seq2seq: pass
-    the mean source and target lengths (real tokens)."""
-    config = model.config
-    enc, other = matmul_params(model)
-    if src_len is None or tgt_len is None:  # language model
-        flops = 6.0 * (enc + other)
-        if isinstance(config, TransformerLMConfig):
-            flops += 12.0 * config.n_layer * config.d_model * context
-        return flops
+    """Matmul FLOPs per target token of an encoder-decoder: encoder work is scaled by the
+    mean source/target length ratio (attention terms are added by each model)."""
     ratio = src_len / max(tgt_len, 1e-9)  # source tokens per target token
-    flops = 6.0 * (other + enc * ratio)
-    if isinstance(config, TransformerSeq2SeqConfig):
-        d = config.d_model
-        flops += 12.0 * d * config.n_enc_layers * src_len * ratio  # encoder self-attention
-        flops += 12.0 * d * config.n_dec_layers * (tgt_len + src_len)  # decoder self + cross
-    return flops
+    return 6.0 * (other_params + encoder_params * ratio)
 
 
 def _measure_peak(device: torch.device) -> float:

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import polars as pl
 
-from seqmodels.clean_report import HISTOGRAM_EDGES, build_report
-from seqmodels.config import CleanConfig
-from seqmodels.corpus_reader import (
+from seqmodels.data.clean_report import HISTOGRAM_EDGES, build_report
+from seqmodels.data.corpus_reader import (
     AlignmentError,
     CorpusFormatError,
     InputFile,
     line_count,
     scan_corpus,
 )
+from seqmodels.data.settings import CleanConfig
+from seqmodels.files import atomic_path
 
 __all__ = ["AlignmentError", "CorpusFormatError", "InputFile", "clean_corpus", "split_expr"]
 
@@ -290,49 +291,56 @@ def clean_corpus(
     """Clean `files` into `out_dir/corpus.parquet`; return its path and the quality report."""
     parallel = kind == "parallel"
     columns = ["src", "tgt"] if parallel else ["text"]
-    schema = PARALLEL_SCHEMA if parallel else MONOLINGUAL_SCHEMA
     units = scan_corpus(files, kind, src_lang, tgt_lang)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "corpus.parquet"
-    stage_path = out_dir / f".stage.parquet.tmp{os.getpid()}"
-    tmp = out_dir / f".corpus.parquet.tmp{os.getpid()}"
-    fixes = [f"_fix_{name}" for name, _, _ in normalisation_steps(cfg)]
+    stage_path = out_dir / f".stage.parquet.tmp{os.getpid()}"  # scratch, always removed
     try:
-        _first_pass(units, columns, cfg).sink_parquet(stage_path, compression="lz4")
-        lf = _mark_overlap_and_duplicates(stage_path, cfg)
-        kept = lf.filter(pl.col("drop_reason").is_null())
-        queries = [
-            kept.with_row_index("id")
-            .select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
-            .sink_parquet(tmp, compression="zstd", lazy=True),
-            lf.group_by("split", "drop_reason").agg(rows=pl.len()),
-            _examples(lf, columns),
-            lf.group_by("split").agg(pl.col(fixes).sum()) if fixes else pl.LazyFrame(),
-            kept.group_by("split").agg(*_length_aggs(columns)),
-        ]
-        # Without common-subplan elimination: sharing the scan between the queries would cache
-        # the whole corpus in memory; separate scans of the staged Parquet stream instead.
-        no_cache = pl.QueryOptFlags(comm_subplan_elim=False)
-        _, counts, examples, fixed, lengths = pl.collect_all(
-            queries, engine="streaming", optimizations=no_cache
-        )
-        report = build_report(files, counts, examples, fixed, lengths, columns, cfg)
-        malformed = report["dropped"].get("malformed")
-        if malformed and cfg.on_malformed == "error":
-            where = "; ".join(
-                f"{ex['source_file']} line {ex['line']}: {str(ex[columns[0]])[:80]!r}"
-                for ex in report["examples"]["malformed"]
-            )
-            raise CorpusFormatError(
-                f"{sum(malformed.values())} malformed row(s) (a tsv row with the wrong number of "
-                f"fields, or a jsonl line that is not an object with the configured keys): "
-                f"{where}. Fix the file or set clean.on_malformed: drop"
-            )
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            _first_pass(units, columns, cfg).sink_parquet(stage_path, compression="lz4")
+            report = _second_pass(stage_path, Path(tmp), files, cfg, parallel)
     finally:
-        tmp.unlink(missing_ok=True)
         stage_path.unlink(missing_ok=True)
     return target, report
+
+
+def _second_pass(
+    stage_path: Path, out_path: Path, files: list[InputFile], cfg: CleanConfig, parallel: bool
+) -> dict:
+    """De-duplicate and filter the staged rows into `out_path`; returns the quality report."""
+    columns = ["src", "tgt"] if parallel else ["text"]
+    schema = PARALLEL_SCHEMA if parallel else MONOLINGUAL_SCHEMA
+    fixes = [f"_fix_{name}" for name, _, _ in normalisation_steps(cfg)]
+    lf = _mark_overlap_and_duplicates(stage_path, cfg)
+    kept = lf.filter(pl.col("drop_reason").is_null())
+    queries = [
+        kept.with_row_index("id")
+        .select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+        .sink_parquet(out_path, compression="zstd", lazy=True),
+        lf.group_by("split", "drop_reason").agg(rows=pl.len()),
+        _examples(lf, columns),
+        lf.group_by("split").agg(pl.col(fixes).sum()) if fixes else pl.LazyFrame(),
+        kept.group_by("split").agg(*_length_aggs(columns)),
+    ]
+    # Without common-subplan elimination: sharing the scan between the queries would cache
+    # the whole corpus in memory; separate scans of the staged Parquet stream instead.
+    no_cache = pl.QueryOptFlags(comm_subplan_elim=False)
+    _, counts, examples, fixed, lengths = pl.collect_all(
+        queries, engine="streaming", optimizations=no_cache
+    )
+    report = build_report(files, counts, examples, fixed, lengths, columns, cfg)
+    malformed = report["dropped"].get("malformed")
+    if malformed and cfg.on_malformed == "error":
+        where = "; ".join(
+            f"{ex['source_file']} line {ex['line']}: {str(ex[columns[0]])[:80]!r}"
+            for ex in report["examples"]["malformed"]
+        )
+        raise CorpusFormatError(
+            f"{sum(malformed.values())} malformed row(s) (a tsv row with the wrong number of "
+            f"fields, or a jsonl line that is not an object with the configured keys): "
+            f"{where}. Fix the file or set clean.on_malformed: drop"
+        )
+    return report
 
 
 def _examples(lf: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:

@@ -9,14 +9,14 @@ and the rules that were in force.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from seqmodels.config import CleanConfig
+from seqmodels.data.settings import CleanConfig
+from seqmodels.files import atomic_write_text
 
 SPLITS = ("train", "valid", "test")
 _TOP = 10**9  # the last histogram bin is open-ended
@@ -149,7 +149,5 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         (json_path, json.dumps(report, indent=2, default=str)),
         (md_path, report_markdown(report)),
     ):
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return json_path, md_path

@@ -1,7 +1,7 @@
 """Search and sampling: greedy and beam search for seq2seq models, sampling for LMs.
 
 Seq2seq decoding drives a model through encode / init_state / decode_step /
-reorder_state (see seq2seq_models.py) and is batched over sentences (x beams), so
+reorder_state (see seqmodels/models/family.py) and is batched over sentences (x beams), so
 one decoder call per output position serves the whole batch.
 """
 
@@ -12,8 +12,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID
-from seqmodels.lm_models import TransformerLanguageModel
-from seqmodels.seq2seq_models import select_batch
+
+
+def select_batch(tree, index: torch.Tensor):
+    """index_select(0, index) on every tensor in a nested dict/list/tuple."""
+    if isinstance(tree, torch.Tensor):
+        return tree.index_select(0, index)
+    if isinstance(tree, dict):
+        return {k: select_batch(v, index) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(select_batch(v, index) for v in tree)
+    return tree
 
 
 def _max_lengths(model, src_mask: torch.Tensor, max_len_a: float, max_len_b: float) -> torch.Tensor:
@@ -88,7 +97,7 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(
+def beam_search(  # long: one batched search loop; its state is easiest to follow in one place
     model: nn.Module,
     src: torch.Tensor,
     src_mask: torch.Tensor,
@@ -226,32 +235,25 @@ def sample_continuation(
 ) -> list[int]:
     """Sample up to max_new_tokens after `prompt` (non-empty ids) from a language model.
 
-    temperature <= 0 means greedy. Stops before emitting `stop_token` (end of line).
-    Transformer: KV cache; when it is full the context is re-encoded from the last
-    block_size // 2 tokens (learned absolute positions cannot slide). RNN: carried state.
+    temperature <= 0 means greedy. Stops before emitting `stop_token` (end of line). The
+    model's state (a key/value cache or a recurrent state) is carried from step to step; a
+    model with a `max_context` is re-run on the last max_context // 2 tokens when its state
+    is full (learned absolute positions cannot slide).
     """
     device = next(model.parameters()).device
+    limit = model.max_context
     tokens = list(prompt)
     new: list[int] = []
-    if isinstance(model, TransformerLanguageModel):
-        block = model.config.block_size
-        ctx = tokens[-block:]
-        logits, cache = model(torch.tensor([ctx], device=device), use_cache=True)
-    else:
-        logits, state = model(torch.tensor([tokens], device=device))
+    logits, state = model(torch.tensor([tokens[-limit:] if limit else tokens], device=device))
     for _ in range(max_new_tokens):
         nxt = _sample(logits[0, -1], temperature, top_k, top_p, generator)
         if nxt == stop_token:
             break
         new.append(nxt)
         tokens.append(nxt)
-        step = torch.tensor([[nxt]], device=device)
-        if isinstance(model, TransformerLanguageModel):
-            if cache[0][0].size(2) + 1 > block:
-                ctx = tokens[-(block // 2) :]
-                logits, cache = model(torch.tensor([ctx], device=device), use_cache=True)
-            else:
-                logits, cache = model(step, cache, use_cache=True)
+        if limit is not None and model.state_length(state) + 1 > limit:
+            context = tokens[-(limit // 2) :]
+            logits, state = model(torch.tensor([context], device=device))
         else:
-            logits, state = model(step, state)
+            logits, state = model(torch.tensor([[nxt]], device=device), state)
     return new

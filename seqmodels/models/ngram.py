@@ -24,10 +24,8 @@ p_k(w | h) = alpha(h w) + gamma(h) * p_{k-1}(w | h'); the unigram entry keeps th
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +34,22 @@ from typing import IO, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import sentencepiece as spm
+from pydantic import Field
+
+from seqmodels import BOS_ID, EOS_ID, UNK_ID
+from seqmodels.data.splits import encode_lines, read_split
+from seqmodels.files import atomic_open, load_sentencepiece
+from seqmodels.inference.predictors import LanguageModelPredictor, continuation_text
+from seqmodels.models.family import LANGUAGE_MODEL, ModelFamily, TrainJob
+from seqmodels.settings import Settings
+from seqmodels.training.settings import NoTraining
 
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
 ARPA_LOG10_ZERO = -99.0  # how ARPA files spell log10(0), e.g. for p(<s>)
 _ARPA_CHUNK = 100_000
-_UMASK = os.umask(0o022)  # read once, so atomic writes get normal permissions (mkstemp: 0600)
-os.umask(_UMASK)
 _CHUNK_BITS = 20  # _lookup sorts queries in chunks of 2**20
+NGRAM_FILE = "ngram.npz"
 Sentences = Sequence[np.ndarray] | pa.Array | pa.ChunkedArray  # arrow: a list<int> column
 
 
@@ -200,25 +207,6 @@ def _parse_arpa(path: Path) -> Iterator[tuple[int, pa.Array, np.ndarray, np.ndar
         bo = np.zeros(len(n))
         bo[n == k + 2] = pc.list_slice(fields, k + 1, k + 2).flatten().cast(pa.float64())
         yield k, pc.list_slice(fields, 1, k + 1).flatten(), lp, bo
-
-
-@contextlib.contextmanager
-def _atomic_open(path: Path, mode: str):
-    """Write to a temp file in the target directory, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(eq=False)
@@ -457,7 +445,7 @@ class KneserNeyLM:
         arrays |= {f"backoff{k}": x for k, x in enumerate(self.backoffs, 1)}
         if self.id_map is not None:
             arrays["id_map"] = self.id_map
-        with _atomic_open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.savez(f, **arrays)
 
     @classmethod
@@ -488,7 +476,7 @@ class KneserNeyLM:
         def numbers(x: np.ndarray) -> pa.Array:
             return pa.array(x.astype(np.float32)).cast(pa.large_string())
 
-        with _atomic_open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             counts = "".join(
                 f"ngram {k}={len(self.keys[k - 1])}\n" for k in range(1, self.order + 1)
             )
@@ -582,3 +570,84 @@ class KneserNeyLM:
             if k < order:
                 model.backoffs.append(10.0 ** bo[srt])
         return model
+
+
+# --- the n-gram family ------------------------------------------------------------------
+
+
+class NgramArchitecture(Settings):
+    order: int = Field(default=5, ge=1, le=10)
+
+
+class NgramPredictor(LanguageModelPredictor):
+    def __init__(self, model: KneserNeyLM, sp: spm.SentencePieceProcessor):
+        self.model, self.sp = model, sp
+
+    def total_nll(self, lines: list[str]) -> tuple[float, int]:
+        return self.model.total_nll(
+            [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(list(lines))]
+        )
+
+    def line_nll(self, lines: list[str]) -> np.ndarray:
+        sentences = [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(list(lines))]
+        token_lp = self.model.sentence_logprobs(sentences)  # each sentence's tokens + </s>
+        starts = np.cumsum([0, *[len(s) + 1 for s in sentences[:-1]]])
+        return -np.add.reduceat(token_lp, starts)
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 60,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        **_: Any,
+    ) -> list[str]:
+        # The n-gram model samples from its own distribution; temperature/top-k do not apply.
+        # It samples a line at a time, so a continuation runs on across line ends.
+        rng = np.random.default_rng(seed)
+        outputs = []
+        for prompt in prompts:
+            prompt_ids = self.sp.encode(prompt)
+            line, new = list(prompt_ids), []
+            while len(new) < max_new_tokens:
+                budget = max_new_tokens - len(new)
+                sampled = self.model.sample(1, line, budget, rng)[0].tolist()
+                new += sampled
+                if len(sampled) == budget:
+                    break
+                new.append(EOS_ID)  # the line ended: the next one starts from <s>
+                line = []
+            outputs.append(continuation_text(self.sp, prompt_ids, new))
+        return outputs
+
+
+class NgramFamily(ModelFamily):
+    """Interpolated modified Kneser-Ney over SentencePiece pieces: counted, not trained."""
+
+    task = LANGUAGE_MODEL
+    Architecture = NgramArchitecture
+    Training = NoTraining
+
+    def train(self, arch: NgramArchitecture, training: NoTraining, job: TrainJob) -> dict:
+        sp = load_sentencepiece(job.spm_model)
+        sentences = encode_lines(sp, read_split(job.parquet, "train", ["text"])["text"])
+        started = time.perf_counter()
+        model = KneserNeyLM.fit(sentences, arch.order, sp.vocab_size(), BOS_ID, EOS_ID, UNK_ID)
+        Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+        model.save(Path(job.out_dir) / NGRAM_FILE)
+        summary: dict[str, Any] = {
+            "train_time_s": time.perf_counter() - started,
+            "n_parameters": int(sum(len(k) for k in model.keys)),  # stored n-grams
+            "train_tokens": int(sum(len(s) + 1 for s in sentences)),
+            "device": "cpu",
+        }
+        valid = encode_lines(sp, read_split(job.parquet, "valid", ["text"])["text"])
+        if valid:
+            nll, n = model.total_nll(valid)
+            summary["best_valid_loss"] = nll / n
+        return summary
+
+    def load(self, model_dir: Path, arch: NgramArchitecture, decoding: dict, device: str = "auto"):
+        model = KneserNeyLM.load(Path(model_dir) / NGRAM_FILE)
+        return NgramPredictor(model, load_sentencepiece(Path(model_dir) / "spm.model"))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from seqmodels.config import VocabConfig
+from seqmodels.data.settings import VocabConfig
 
 
 def train_sentencepiece(
@@ -57,7 +57,3 @@ def train_sentencepiece(
         shutil.copyfile(f"{prefix}.vocab", out_dir / "spm.vocab")
         os.replace(f"{prefix}.model", target)
     return target
-
-
-def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(path))

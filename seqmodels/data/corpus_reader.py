@@ -19,9 +19,9 @@ from pathlib import Path
 
 import polars as pl
 
-from seqmodels.archive import extract_member
-from seqmodels.config import CorpusConfig
-from seqmodels.textfile import TextFileStats, prepare_text_file, read_text_stats
+from seqmodels.data.archive import extract_member
+from seqmodels.data.settings import CorpusConfig
+from seqmodels.data.textfile import TextFileStats, prepare_text_file, read_text_stats
 
 
 @dataclass

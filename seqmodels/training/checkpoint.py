@@ -11,36 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from seqmodels.files import atomic_write, json_digest
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory + os.replace, so a reader never sees
-    a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
@@ -76,9 +61,8 @@ def remove_temp_files(ckpt_dir: Path) -> None:
 
 
 def config_hash(*parts: Any) -> str:
-    """A stable digest of JSON-able parts (model config, train config, data fingerprint)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A stable digest of JSON-able parts (model identity, train settings, data fingerprint)."""
+    return json_digest(*parts)
 
 
 def array_fingerprint(arrays) -> str:

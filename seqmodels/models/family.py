@@ -1,0 +1,154 @@
+"""What every model family declares, and the shared behaviour of the neural ones.
+
+A family is a kind of model the pipeline can train: it names its task, its typed
+`Architecture` and `Training` settings, and knows how to train a model folder and load it
+back as a predictor (seqmodels.inference.predictors). Registering a family is one line in
+seqmodels/models/__init__.py; nothing outside a family's module looks at its model class.
+
+Neural families only say how to build their `nn.Module`; training (seqmodels.training) and
+inference are shared. Their modules follow one of two interfaces:
+
+- language models: `forward(idx, state=None) -> (logits, state)`, `max_context` (None when
+  the state carries any context), `state_length(state)` when max_context is set, and
+  `flops_per_token(context)`;
+- sequence-to-sequence models: `forward(src, src_mask, tgt_in) -> logits`, `encode`,
+  `init_state`, `decode_step`, `reorder_state` (seqmodels.inference.decoding drives them),
+  `max_positions` (None: unlimited) and `flops_per_token(src_len, tgt_len)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from seqmodels.data.splits import encode_lines, language_model_stream, read_split
+from seqmodels.files import load_sentencepiece
+from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
+from seqmodels.settings import Settings
+from seqmodels.training.recipes import train_language_model, train_seq2seq_model
+from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings
+from seqmodels.training.trainer import MetricsCallback, ProgressCallback, resolve_device
+
+LANGUAGE_MODEL = "language_model"
+SEQUENCE_TO_SEQUENCE = "sequence_to_sequence"
+WEIGHTS_FILE = "model.pt"
+
+
+@dataclass
+class TrainJob:
+    """Where a family trains from and to: the cleaned corpus, its vocabulary, the folder."""
+
+    model_type: str  # the registry name, recorded with the checkpoints
+    parquet: Path
+    spm_model: Path
+    out_dir: Path
+    on_metrics: MetricsCallback | None = None
+    on_progress: ProgressCallback | None = None
+
+
+class ModelFamily:
+    task: ClassVar[str]  # LANGUAGE_MODEL or SEQUENCE_TO_SEQUENCE
+    Architecture: ClassVar[type[Settings]]
+    Training: ClassVar[type[Settings]]
+
+    def train(self, arch: Any, training: Any, job: TrainJob) -> dict[str, Any]:
+        """Train into job.out_dir (weights only; the folder's metadata is written by the
+        caller); returns a summary of numbers (and a device string) to log."""
+        raise NotImplementedError
+
+    def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
+        """A predictor (seqmodels.inference.predictors) for a trained folder."""
+        raise NotImplementedError
+
+
+def load_weights(model: nn.Module, model_dir: Path, device: str = "auto") -> nn.Module:
+    """model.pt into a freshly built model (weights_only: a folder cannot run code)."""
+    state = torch.load(Path(model_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(resolve_device(device)).eval()
+
+
+def identity(job: TrainJob, arch: Settings, vocab_size: int) -> dict[str, Any]:
+    return {"type": job.model_type, "architecture": arch.model_dump(), "vocab_size": vocab_size}
+
+
+class NeuralLMFamily(ModelFamily):
+    task = LANGUAGE_MODEL
+    Training = LMTrainSettings
+
+    def build(self, arch: Any, vocab_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def max_context(self, arch: Any) -> int | None:
+        """Longest context the model can see (None: unlimited, e.g. recurrent state)."""
+        return None
+
+    def train(self, arch: Any, training: LMTrainSettings, job: TrainJob) -> dict[str, Any]:
+        sp = load_sentencepiece(job.spm_model)
+
+        def stream(split: str) -> np.ndarray:
+            lines = read_split(job.parquet, split, ["text"])["text"]
+            return language_model_stream(encode_lines(sp, lines))
+
+        train_ids, vocab_size = stream("train"), sp.vocab_size()
+        result = train_language_model(
+            lambda: self.build(arch, vocab_size),
+            train_ids,
+            stream("valid"),
+            training,
+            job.out_dir,
+            model_identity=identity(job, arch, vocab_size),
+            max_context=self.max_context(arch),
+            on_metrics=job.on_metrics,
+            on_progress=job.on_progress,
+        )
+        return {**result.summary(), "train_tokens": int(len(train_ids))}
+
+    def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
+        sp = load_sentencepiece(Path(model_dir) / "spm.model")
+        model = load_weights(self.build(arch, sp.vocab_size()), model_dir, device)
+        return NeuralLMPredictor(model, sp)
+
+
+class Seq2SeqFamily(ModelFamily):
+    task = SEQUENCE_TO_SEQUENCE
+    Training = Seq2SeqTrainSettings
+
+    def build(self, arch: Any, vocab_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def max_positions(self, arch: Any) -> int | None:
+        """Longest source/target the model accepts (None: unlimited)."""
+        return None
+
+    def train(self, arch: Any, training: Seq2SeqTrainSettings, job: TrainJob) -> dict[str, Any]:
+        sp = load_sentencepiece(job.spm_model)
+
+        def pairs(split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+            rows = read_split(job.parquet, split, ["src", "tgt"])
+            sides = encode_lines(sp, rows["src"]), encode_lines(sp, rows["tgt"])
+            return list(zip(*sides, strict=True))
+
+        train, vocab_size = pairs("train"), sp.vocab_size()
+        result = train_seq2seq_model(
+            lambda: self.build(arch, vocab_size),
+            train,
+            pairs("valid"),
+            training,
+            job.out_dir,
+            model_identity=identity(job, arch, vocab_size),
+            max_positions=self.max_positions(arch),
+            on_metrics=job.on_metrics,
+            on_progress=job.on_progress,
+        )
+        return {**result.summary(), "train_tokens": int(sum(len(t) + 1 for _, t in train))}
+
+    def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
+        sp = load_sentencepiece(Path(model_dir) / "spm.model")
+        model = load_weights(self.build(arch, sp.vocab_size()), model_dir, device)
+        return TranslationPredictor(model, sp, decoding)

@@ -1,0 +1,84 @@
+"""Training settings of the neural families, typed: the `training:` block of a model in the
+config is validated against one of these before any stage runs.
+
+Pydantic's lax mode turns the strings PyYAML makes of some numbers (`lr: 3e-3` is read as the
+string "3e-3") into the numbers the user meant; anything that is not a number is an error
+naming the model and the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from seqmodels.settings import Settings
+
+
+class NoTraining(Settings):
+    """Families that are counted, not trained by steps (the n-gram model): no settings."""
+
+
+class TrainSettings(Settings):
+    max_steps: int = Field(default=2000, gt=0)  # optimizer steps
+    # LM: batch = batch_tokens // block_size windows; seq2seq: padded tokens per batch.
+    batch_tokens: int = Field(default=4096, gt=0)
+    lr: float = Field(default=1e-3, gt=0)  # peak learning rate, reached after warmup
+    warmup_steps: int = Field(default=200, ge=0)
+    schedule: Literal["inverse_sqrt", "cosine"] = "inverse_sqrt"
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine: decays to lr * this
+    # AdamW. beta2 0.98 (Vaswani et al.) rather than torch's 0.999: steadier with warmup.
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)  # matrices and embeddings only
+    clip_norm: float = Field(default=1.0, gt=0)
+    eval_every: int = Field(default=500, gt=0)
+    log_every: int = Field(default=50, gt=0)
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when there is one
+    valid_max_tokens: int | None = Field(default=None, gt=0)  # cap on validation tokens
+    max_train_minutes: float | None = Field(default=None, gt=0)  # wall-clock safety net
+    # A step sums the gradients of grad_accum_steps batches (the global batch under DDP),
+    # normalised by their total token count: one big batch of grad_accum_steps * batch_tokens.
+    grad_accum_steps: int = Field(default=1, ge=1)
+    checkpoint_every: int | None = Field(default=None, ge=0)  # None: at every validation
+    keep_last: int = Field(default=2, ge=0)  # newest checkpoints kept (>= 1 in practice)
+    keep_best: int = Field(default=1, ge=0)  # best checkpoints kept by validation metric
+    resume: bool = True  # continue from out_dir/checkpoints when config and data match
+    early_stop_patience: int | None = Field(default=None, gt=0)  # validations without gain
+    average_last_n: int = Field(default=1, ge=1)  # > 1: model.pt = mean of the last n
+    compile: bool = False  # torch.compile the model (CUDA mostly; slow to start)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> TrainSettings:
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be in [0, 1), got {list(self.adam_betas)}")
+        return self
+
+
+class LMTrainSettings(TrainSettings):
+    # Context length of the training windows; None: the model's own (Transformer) or 128.
+    block_size: int | None = Field(default=None, gt=0)
+
+
+class Seq2SeqTrainSettings(TrainSettings):
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)  # validation is unsmoothed
+    max_seq_len: int = Field(default=200, gt=0)  # longer training pairs are skipped
+
+
+# Fields that change neither the weights' trajectory nor the data, so a run may resume after
+# changing them (e.g. raising max_train_minutes or the patience).
+RESUME_FREE_FIELDS = frozenset(
+    {
+        "log_every",
+        "device",
+        "max_train_minutes",
+        "checkpoint_every",
+        "keep_last",
+        "keep_best",
+        "resume",
+        "early_stop_patience",
+        "average_last_n",
+        "compile",
+    }
+)
