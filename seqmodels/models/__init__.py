@@ -7,6 +7,7 @@ one line below.
 
 from __future__ import annotations
 
+from seqmodels.models.elman_lm import ElmanLMFamily
 from seqmodels.models.family import LANGUAGE_MODEL, SEQUENCE_TO_SEQUENCE, ModelFamily
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqFamily
 from seqmodels.models.ngram import NgramFamily
@@ -18,6 +19,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "ngram": NgramFamily(),
     "lstm_lm": RecurrentLMFamily(cell="lstm"),
     "gru_lm": RecurrentLMFamily(cell="gru"),
+    "rnn_lm": ElmanLMFamily(),
     "transformer_lm": TransformerLMFamily(),
     "lstm_seq2seq": LSTMSeq2SeqFamily(),
     "transformer_seq2seq": TransformerSeq2SeqFamily(),
