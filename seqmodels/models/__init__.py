@@ -7,6 +7,7 @@ one line below.
 
 from __future__ import annotations
 
+from seqmodels.models.conv_seq2seq import ConvSeq2SeqFamily
 from seqmodels.models.elman_lm import ElmanLMFamily
 from seqmodels.models.family import LANGUAGE_MODEL, SEQUENCE_TO_SEQUENCE, ModelFamily
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqFamily
@@ -23,6 +24,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "transformer_lm": TransformerLMFamily(),
     "lstm_seq2seq": LSTMSeq2SeqFamily(),
     "transformer_seq2seq": TransformerSeq2SeqFamily(),
+    "conv_seq2seq": ConvSeq2SeqFamily(),
 }
 
 __all__ = ["FAMILIES", "LANGUAGE_MODEL", "SEQUENCE_TO_SEQUENCE", "ModelFamily", "get_family"]
