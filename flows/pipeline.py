@@ -24,11 +24,11 @@ from flows.stages import (
 )
 from seqmodels.config import PipelineConfig, load_config
 from seqmodels.evaluation.promotion import CHAMPION
+from seqmodels.files import file_sha256
 from tasks.data import workspace_id
 from tasks.tracking import (
     code_commit,
     experiment_id,
-    file_digest,
     flatten,
     log_params,
     mlflow_client,
@@ -62,8 +62,8 @@ def experiment_flow(
     exp_id = experiment_id(client, experiment, tracking_uri)
     lineage = {
         "code_commit": code_commit(),
-        "data_sha256": file_digest(data["parquet"]),
-        "vocab_sha256": file_digest(spm_model),
+        "data_sha256": file_sha256(data["parquet"]),
+        "vocab_sha256": file_sha256(spm_model),
         "config_hash": config.fingerprint(),
         "prefect_flow_run_id": str(flow_run.get_id()),
     }

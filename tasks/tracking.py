@@ -5,7 +5,6 @@ per pipeline run, one child run per trained model. Everything goes through expli
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -59,14 +58,6 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
     items = [mlflow.entities.Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):  # the batch API takes at most 100 params
         client.log_batch(run_id, params=items[start : start + 100])
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def code_commit() -> str:

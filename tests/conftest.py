@@ -157,3 +157,15 @@ def tiny_ngram_dir(tmp_path):
         out,
     )
     return out
+
+
+@pytest.fixture()
+def single_thread_torch():
+    """Tiny models run fastest single-threaded, and on a busy shared CPU spinning OpenMP
+    threads are very slow; the default is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,14 +14,9 @@ TINY = ConvSeq2SeqArchitecture(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest single-threaded, and on a busy shared CPU spinning OpenMP
-    # threads are very slow; restore the default afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def one_thread(single_thread_torch):
+    """Every test here runs torch single-threaded (see conftest.single_thread_torch)."""
 
 
 def padded(seqs: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ temporary server), real MLflow (temp SQLite), the real CLI in a subprocess."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -34,11 +35,15 @@ def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_pat
     env["PYTHONPATH"] = str(REPO)
     first = _run(cli, tmp_path, env)
     assert "seqmodels results" in first
-    for model in ("kn5", "lstm", "transformer", "lstm_attention"):
+    for model in ("kn5", "lstm", "transformer", "rnn", "lstm_attention"):
         assert model in first
+    # Training reports its progress in the task log (and MLflow's noise is gone).
+    assert re.search(r"rnn: step 30/30 \(100%\) loss \d+\.\d+ .* tokens/s", first)
+    assert "interpreted in multiple ways" not in first
+    assert "type hints to the `predict` method" not in first
 
     client = MlflowClient(f"sqlite:///{db}")
-    for name, n_models in (("lm-shakespeare", 3), ("mt-multi30k-de-en", 2)):
+    for name, n_models in (("lm-shakespeare", 4), ("mt-multi30k-de-en", 2)):
         versions = client.search_model_versions(f"name = '{name}'")
         assert len(versions) == n_models
         champion = client.get_model_version_by_alias(name, "champion")
@@ -74,7 +79,7 @@ def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_pat
     second = _run([*cli, "--experiment", "lm-shakespeare"], tmp_path, env)
     for stage in ("download", "clean", "vocab", "train"):
         assert _cached(second, stage), stage
-    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 3
+    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 4
 
     # A changed cleaning rule re-runs clean, vocab and everything after, and nothing before.
     changed = tmp_path / "changed.yaml"
@@ -86,7 +91,7 @@ def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_pat
     assert _cached(third, "download")
     for stage in ("clean", "vocab", "train"):
         assert not _cached(third, stage), stage
-    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 6
+    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 8
 
 
 def _cached(log: str, stage: str) -> bool:

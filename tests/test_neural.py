@@ -78,14 +78,9 @@ TINY_S2S = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest single-threaded, and a busy shared CPU makes spinning
-    # OpenMP threads very slow; restore the default afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def one_thread(single_thread_torch):
+    """Every test here runs torch single-threaded (see conftest.single_thread_torch)."""
 
 
 def tiny_model(spec: FamilyArch, seed: int = 0):

@@ -52,13 +52,9 @@ S2S = FamilyArch(
 PEAK = 1e11  # SEQMODELS_PEAK_FLOPS in these tests: no benchmark run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Bit-exact comparisons across processes need the same thread count everywhere.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def one_thread(single_thread_torch):
+    """Every test here runs torch single-threaded (see conftest.single_thread_torch)."""
 
 
 @pytest.fixture(autouse=True)
