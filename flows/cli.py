@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -138,11 +139,24 @@ def _load_model(model_uri: str, tracking_uri: str, natural_task: str):
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    # Versions registered before the pyfunc had type hints make MLflow print its hint to model
+    # authors ("add type hints to predict") on every load and predict: noise to a user. It is
+    # raised under MLflow's own warning filters, so it is dropped where it is shown.
+    hint = "type hints to the `predict` method"
+    show = warnings.showwarning
+
+    def show_others(message, *args, **kwargs) -> None:
+        if hint not in str(message):
+            show(message, *args, **kwargs)
+
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_others
+            model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
         _fail(f"cannot load model {model_uri} from {tracking_uri}: {reason}")
+    warnings.filterwarnings("ignore", message=f".*{hint}")  # and on every predict
     # The signature's default `task` is the model's natural one (see tasks/registry.py).
     schema = model.metadata.get_params_schema()
     default = {p.name: p.default for p in schema.params}.get("task") if schema else None

@@ -45,3 +45,19 @@ def test_pipeline_has_a_subflow_per_stage_with_named_runs():
         assert "{experiment}" in f.flow_run_name
     assert "{config_path}" in experiment_flow.flow_run_name
     assert pipeline_flow.should_validate_parameters
+
+
+def test_the_config_is_read_once_per_run_and_passed_on_as_a_value():
+    # The experiment subflow and the stages get the validated config, never a path to read.
+    import inspect
+
+    from seqmodels.config import PipelineConfig
+
+    assert inspect.signature(experiment_flow.fn).parameters["config"].annotation in (
+        PipelineConfig,
+        "PipelineConfig",
+    )
+    for f in [experiment_flow, *(v for v in vars(flows.stages).values() if isinstance(v, Flow))]:
+        assert "load_config" not in inspect.getsource(f.fn), f.name
+    # The CLI validates before Prefect starts and hands the same object to the flow.
+    assert "config=validated" in inspect.getsource(importlib.import_module("flows.cli").run)

@@ -161,3 +161,28 @@ def test_model_folders_written_by_the_previous_code_still_load_and_agree(name, t
     assert count == expected["total_nll"][1]
     assert total == pytest.approx(expected["total_nll"][0], rel=1e-6)
     assert predictor.generate(["ROMEO:"], max_new_tokens=12, seed=0) == expected["generate"]
+
+
+def test_versions_registered_by_the_previous_code_still_load_through_the_registry(
+    tmp_path, monkeypatch
+):
+    """A version logged as the previous code logged it (its own pyfunc file, which imports
+    seqmodels.predictor, and a folder in the old layout) loads through models:/ in a
+    process where today's seqmodels is already imported, as in the pipeline re-scoring an
+    old champion or in `seqmodels translate`."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(REPO / "tests" / "fixtures" / "legacy_pyfunc_model.py"),
+            artifacts={"model_dir": str(LEGACY / "transformer_seq2seq")},
+            pip_requirements=["torch", "sentencepiece"],
+            registered_model_name="legacy-mt",
+        )
+    expected = json.loads((LEGACY / "expected.json").read_text())["transformer_seq2seq"]
+    model = mlflow.pyfunc.load_model("models:/legacy-mt/1")
+    assert model.predict(expected["sources"]) == expected["translations"]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from seqmodels.files import file_sha256
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -58,14 +60,6 @@ def mirror_candidates(url: str, mirrors: list[str]) -> list[str]:
                 candidates.append(Path(root).resolve().joinpath(relative).as_uri())
     candidates.append(url)
     return candidates
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_local(source: str, part: Path) -> None:
@@ -140,7 +134,10 @@ def download_file(
     transient: list[str] = []
     missing: list[str] = []
     for source in mirror_candidates(url, mirrors or []):
-        # One partial file per source: a resumed download must continue the same bytes.
+        # One partial file per source: a resumed download must continue the same bytes. (Not
+        # files.atomic_path, which deletes its temp file on failure: a .part file must
+        # survive a dropped connection or a crash so the retry resumes with a Range request.
+        # It only gets its final name after the checksum passes.)
         source_key = hashlib.sha256(source.encode()).hexdigest()[:16]
         part = tmp_dir / f"{key}.{source_key}.part"
         try:
@@ -163,7 +160,7 @@ def download_file(
         ) as exc:
             transient.append(f"{source}: {getattr(exc, 'reason', exc)}")
             continue
-        actual = sha256_of(part)
+        actual = file_sha256(part)
         if sha256 is not None and actual != sha256:
             part.unlink()
             raise ChecksumMismatchError(
