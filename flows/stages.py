@@ -12,7 +12,7 @@ from prefect.transactions import transaction
 
 from seqmodels.config import CleanConfig, CorpusConfig, ExperimentConfig, VocabConfig
 from tasks.data import clean_corpus_files, download_corpus_file, train_vocabulary
-from tasks.modeling import evaluate_model_run, train_model_run
+from tasks.modeling import evaluate_model_run, pin_init_from, train_model_run
 from tasks.promotion import promote_if_better
 from tasks.registry import register_model_version
 from tasks.tracking import mlflow_client
@@ -106,11 +106,21 @@ def train_stage(
             workspace,
         )
 
+    # Warm starts are pinned to one registered version before anything is keyed or cached.
+    init_from = {
+        name: pin_init_from(spec.init_from, experiment, tracking_uri)
+        for name, spec in config.models.items()
+        if spec.init_from is not None
+    }
     if parallel_trainings() == 1:
         # In this thread, so the task timeout is enforced (Prefect cannot stop worker threads).
-        return {name: train(*args(name), from_scratch=refresh_cache) for name in config.models}
+        return {
+            name: train(*args(name), from_scratch=refresh_cache, init_from=init_from.get(name))
+            for name in config.models
+        }
     futures = {
-        name: train.submit(*args(name), from_scratch=refresh_cache) for name in config.models
+        name: train.submit(*args(name), from_scratch=refresh_cache, init_from=init_from.get(name))
+        for name in config.models
     }
     wait(list(futures.values()))
     return {name: future.result() for name, future in futures.items()}
@@ -150,7 +160,7 @@ def evaluate_register_stage(
                 result,
                 config.task,
                 tracking_uri,
-                {**lineage, "model_type": spec.type},
+                {**lineage, **result.get("lineage", {}), "model_type": spec.type},
                 parquet,
             )
             promotion = promote_if_better(

@@ -41,6 +41,9 @@ def _model_spec_type():
                 type=(Literal[name], ...),
                 architecture=(family.Architecture, family.Architecture()),
                 training=(family.Training, family.Training()),
+                # Start from another model's weights: models:/NAME@ALIAS, models:/NAME/N,
+                # runs:/ID/model, or a version number of this experiment's registered model.
+                init_from=(str | None, None),
             )
         )
     return Annotated[Union[tuple(specs)], Field(discriminator="type")]  # noqa: UP007
@@ -51,7 +54,7 @@ _MODEL_SPEC = TypeAdapter(ModelSpec)
 
 
 def parse_model_spec(data: dict[str, Any]):
-    """One model's settings ({type, architecture, training}) as a validated ModelSpec."""
+    """One model's settings ({type, architecture, training, init_from}) as a ModelSpec."""
     return _MODEL_SPEC.validate_python(data)
 
 
@@ -84,8 +87,14 @@ class ExperimentConfig(Settings):
     @model_validator(mode="after")
     def _models_fit_task(self) -> ExperimentConfig:
         for name, spec in self.models.items():
-            if FAMILIES[spec.type].task != TASK_FAMILIES[self.task]:
+            family = FAMILIES[spec.type]
+            if family.task != TASK_FAMILIES[self.task]:
                 raise ValueError(f"model {name!r}: type {spec.type!r} is not a {self.task} model")
+            if spec.init_from is not None and not family.warm_start:
+                raise ValueError(
+                    f"model {name!r}: a {spec.type} model cannot start from another model's "
+                    "weights (init_from)"
+                )
         if (self.task == "translation") != (self.corpus.kind == "parallel"):
             raise ValueError(f"task {self.task!r} does not fit a {self.corpus.kind} corpus")
         return self

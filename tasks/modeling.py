@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -50,6 +52,50 @@ def _child_run(client, experiment_id: str, parent_run_id: str, model_name: str, 
     return run.info.run_id, False
 
 
+def pin_model_uri(client, uri: str, registered_name: str) -> str:
+    """`uri` with an alias or a bare version number resolved to one registered version
+    (models:/NAME/N), so a cached or resumed training never mixes two parents; runs:/ URIs
+    are returned as they are. ValueError naming the URI when nothing is there."""
+    if uri.isdigit():  # a version of this experiment's registered model
+        uri = f"models:/{registered_name}/{uri}"
+    if not uri.startswith("models:/"):
+        return uri
+    name, alias, version = uri[len("models:/") :], None, None
+    if "@" in name:
+        name, alias = name.split("@", 1)
+    elif "/" in name:
+        name, version = name.rsplit("/", 1)
+    else:
+        raise ValueError(
+            f"init_from {uri}: name a version (models:/NAME/3) or an alias (@champion)"
+        )
+    try:
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            version = client.get_model_version(name, version).version
+    except MlflowException as exc:
+        raise ValueError(f"init_from {uri}: no such registered version ({exc.message})") from None
+    return f"models:/{name}/{version}"
+
+
+def fetch_model_folder(uri: str, dst: Path) -> Path:
+    """The seqmodels model folder logged with a registered version or run (downloaded)."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    folder = local / "artifacts" / "model_dir"
+    if not folder.is_dir():
+        raise ValueError(f"init_from {uri}: not a seqmodels model (no artifacts/model_dir)")
+    return folder
+
+
+@task(name="pin-init-from", timeout_seconds=300)
+def pin_init_from(uri: str, registered_name: str, tracking_uri: str) -> str:
+    """The warm-start source of a model pinned to one version, before its training is keyed."""
+    pinned = pin_model_uri(mlflow_client(tracking_uri), uri, registered_name)
+    get_run_logger().info("init_from %s -> %s", uri, pinned)
+    return pinned
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """A crash of the process or device may pass (the retry resumes from the last checkpoint);
     a bad config or missing file will not."""
@@ -86,10 +132,14 @@ def train_model_run(
     parent_run_id: str,
     workspace: str,
     from_scratch: bool = False,
+    init_from: str | None = None,
 ) -> dict:
-    """Train `model_name` in an MLflow child run; returns its run id and model folder."""
+    """Train `model_name` in an MLflow child run; returns its run id and model folder.
+    `init_from`: a pinned registry or run URI whose weights training starts from."""
     client = mlflow_client(tracking_uri)
     out_dir = training_dir(work_dir, model_name, spec, parquet, spm_model)
+    if init_from is not None:  # the pinned parent is part of the folder's identity
+        out_dir = out_dir.with_name(f"{out_dir.name}-{json_digest(init_from, length=8)}")
     if from_scratch and out_dir.exists():
         shutil.rmtree(out_dir)
     run_id, resumed = _child_run(client, experiment_id, parent_run_id, model_name, spec, out_dir)
@@ -97,8 +147,17 @@ def train_model_run(
         get_run_logger().warning("%s: resuming run %s in %s", model_name, run_id, out_dir)
     else:
         log_params(client, run_id, flatten("", {"model": spec.model_dump()}))
+    lineage = {} if init_from is None else {"init_from": init_from}
+    if init_from is not None and init_from.startswith("models:/"):
+        lineage["parent_version"] = init_from.rsplit("/", 1)[1]
+    for key, value in lineage.items():
+        client.set_tag(run_id, key, value)
     try:
-        with TrainingProgress(model_name, get_run_logger()) as progress:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            TrainingProgress(model_name, get_run_logger()) as progress,
+        ):
+            parent = fetch_model_folder(init_from, Path(tmp)) if init_from else None
             summary = train_model(
                 spec,
                 task_kind,
@@ -108,6 +167,7 @@ def train_model_run(
                 decoding=decoding,
                 on_metrics=MetricLogger(client, run_id),
                 on_progress=progress,
+                init_from=parent,
             )
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
@@ -117,7 +177,7 @@ def train_model_run(
             client.log_metric(run_id, key, float(value))
         else:
             client.set_tag(run_id, key, str(value))
-    return {"run_id": run_id, "model_dir": str(out_dir), "summary": summary}
+    return {"run_id": run_id, "model_dir": str(out_dir), "summary": summary, "lineage": lineage}
 
 
 @task(

@@ -186,3 +186,87 @@ def test_versions_registered_by_the_previous_code_still_load_through_the_registr
     expected = json.loads((LEGACY / "expected.json").read_text())["transformer_seq2seq"]
     model = mlflow.pyfunc.load_model("models:/legacy-mt/1")
     assert model.predict(expected["sources"]) == expected["translations"]
+
+
+# --- warm start (init_from) ------------------------------------------------------------------
+
+
+def weights(folder: Path) -> dict:
+    import torch
+
+    return torch.load(folder / "model.pt", weights_only=True)
+
+
+def lstm_spec(lr: float = 1e-2, **arch):
+    return parse_model_spec(
+        {
+            "type": "lstm_lm",
+            "architecture": {"emb_dim": 16, "hidden_size": 16, "n_layers": 1, **arch},
+            "training": {"max_steps": 4, "batch_tokens": 256, "eval_every": 4, "lr": lr}
+            | {"warmup_steps": 0, "weight_decay": 0.0},
+        }
+    )
+
+
+def test_a_warm_start_begins_from_the_parent_weights(tiny_corpora, tmp_path):
+    parquet, spm = tiny_corpora["language_model"]
+    train_model(lstm_spec(), "language_model", parquet, spm, tmp_path / "parent")
+    # With a vanishing learning rate the child ends where it started: at the parent's weights.
+    tiny_lr = lstm_spec(lr=1e-12)
+    train_model(
+        tiny_lr,
+        "language_model",
+        parquet,
+        spm,
+        tmp_path / "child",
+        None,
+        init_from=tmp_path / "parent",
+    )
+    train_model(tiny_lr, "language_model", parquet, spm, tmp_path / "scratch")
+    parent, child, scratch = (weights(tmp_path / n) for n in ("parent", "child", "scratch"))
+    for key in parent:
+        np.testing.assert_allclose(child[key].numpy(), parent[key].numpy(), atol=1e-6)
+    assert any(not np.allclose(scratch[k].numpy(), parent[k].numpy()) for k in parent)
+
+
+def test_a_warm_start_needs_the_same_architecture_and_vocabulary(tiny_corpora, tmp_path):
+    parquet, spm = tiny_corpora["language_model"]
+    train_model(lstm_spec(), "language_model", parquet, spm, tmp_path / "parent")
+    wider = lstm_spec(emb_dim=32, hidden_size=32)
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)holds a lstm_lm model .*'hidden_size': 16.*"
+        r"this model is a lstm_lm .*'hidden_size': 32",
+    ):
+        train_model(
+            wider,
+            "language_model",
+            parquet,
+            spm,
+            tmp_path / "c1",
+            None,
+            init_from=tmp_path / "parent",
+        )
+    other_parquet, other_spm = tiny_corpora["translation"]  # another SentencePiece model
+    with pytest.raises(ValueError, match="differs from this experiment's"):
+        train_model(
+            lstm_spec(),
+            "language_model",
+            parquet,
+            other_spm,
+            tmp_path / "c2",
+            None,
+            init_from=tmp_path / "parent",
+        )
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()  # refused first
+
+
+def test_init_from_is_refused_for_a_family_that_is_not_trained(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "experiments:\n  lm:\n    task: language_model\n"
+        "    corpus: {kind: monolingual, files: [{url: 'https://example.org/a.txt'}]}\n"
+        "    models: {kn: {type: ngram, init_from: 'models:/lm@champion'}}\n"
+    )
+    with pytest.raises(ConfigError, match="cannot start from another model's weights"):
+        load_config(path)

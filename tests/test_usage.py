@@ -38,6 +38,7 @@ from seqmodels.data.vocab import train_sentencepiece
 from seqmodels.evaluation.promotion import CHALLENGER, CHAMPION
 from seqmodels.evaluation.scoring import evaluate_model
 from seqmodels.models.folder import train_model
+from tasks.modeling import fetch_model_folder, pin_model_uri, train_model_run
 from tasks.registry import register_model_version
 from tasks.tracking import MetricLogger, experiment_id, mlflow_client
 
@@ -347,3 +348,38 @@ def test_mlflow_models_serve_translates_over_http(registry, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_a_training_continues_from_a_registered_version(registry, tmp_path):
+    """init_from: the alias is pinned to a version, the folder is fetched from the registry,
+    training starts from its weights, and the run records its parent."""
+    client = mlflow_client(registry)
+    assert pin_model_uri(client, "models:/mt-test@champion", "mt-test") == "models:/mt-test/1"
+    assert pin_model_uri(client, "2", "mt-test") == "models:/mt-test/2"  # a bare version
+    with pytest.raises(ValueError, match="no such registered version"):
+        pin_model_uri(client, "models:/mt-test@nobody", "mt-test")
+    parent = fetch_model_folder("models:/mt-test/1", tmp_path / "download")
+    _, parquet, _ = _translation_experiment(tmp_path)  # the same pairs, written anew
+    spec = parse_model_spec(
+        TINY_TRANSFORMER.model_dump() | {"init_from": "models:/mt-test@champion"}
+    )
+    exp_id = experiment_id(client, "mt-test", registry)
+    parent_run = client.create_run(exp_id, run_name="pipeline").info.run_id
+    trained = train_model_run(
+        "transformer",
+        spec,
+        "translation",
+        {"beam_size": 2},
+        str(parquet),
+        str(parent / "spm.model"),  # a warm start keeps the parent's vocabulary
+        str(tmp_path / "work"),
+        registry,
+        exp_id,
+        parent_run,
+        "test-workspace",
+        init_from="models:/mt-test/1",
+    )
+    assert trained["lineage"] == {"init_from": "models:/mt-test/1", "parent_version": "1"}
+    tags = client.get_run(trained["run_id"]).data.tags
+    assert tags["parent_version"] == "1" and tags["init_from"] == "models:/mt-test/1"
+    assert trained["summary"]["steps"] == 80

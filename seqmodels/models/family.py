@@ -18,6 +18,7 @@ inference are shared. Their modules follow one of two interfaces:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from seqmodels.data.splits import encode_lines, language_model_stream, read_split
-from seqmodels.files import load_sentencepiece
+from seqmodels.files import file_sha256, load_sentencepiece
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
 from seqmodels.settings import Settings
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model
@@ -49,12 +50,16 @@ class TrainJob:
     out_dir: Path
     on_metrics: MetricsCallback | None = None
     on_progress: ProgressCallback | None = None
+    # Warm start: weights (model.pt) of a model with the same type, architecture and
+    # vocabulary, checked by seqmodels.models.folder before training starts.
+    init_weights: Path | None = None
 
 
 class ModelFamily:
     task: ClassVar[str]  # LANGUAGE_MODEL or SEQUENCE_TO_SEQUENCE
     Architecture: ClassVar[type[Settings]]
     Training: ClassVar[type[Settings]]
+    warm_start: ClassVar[bool] = False  # can training start from another model's weights
 
     def train(self, arch: Any, training: Any, job: TrainJob) -> dict[str, Any]:
         """Train into job.out_dir (weights only; the folder's metadata is written by the
@@ -74,12 +79,31 @@ def load_weights(model: nn.Module, model_dir: Path, device: str = "auto") -> nn.
 
 
 def identity(job: TrainJob, arch: Settings, vocab_size: int) -> dict[str, Any]:
-    return {"type": job.model_type, "architecture": arch.model_dump(), "vocab_size": vocab_size}
+    """What the resume key knows of the model: a warm start is another run than a scratch one."""
+    found = {"type": job.model_type, "architecture": arch.model_dump(), "vocab_size": vocab_size}
+    if job.init_weights is not None:
+        found["init_weights_sha256"] = file_sha256(job.init_weights)
+    return found
+
+
+def builder(build: Callable[[], nn.Module], job: TrainJob) -> Callable[[], nn.Module]:
+    """`build`, then (warm start) the weights of job.init_weights loaded into the new model."""
+    if job.init_weights is None:
+        return build
+
+    def build_warm() -> nn.Module:
+        model = build()
+        state = torch.load(job.init_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model
+
+    return build_warm
 
 
 class NeuralLMFamily(ModelFamily):
     task = LANGUAGE_MODEL
     Training = LMTrainSettings
+    warm_start = True
 
     def build(self, arch: Any, vocab_size: int) -> nn.Module:
         raise NotImplementedError
@@ -97,7 +121,7 @@ class NeuralLMFamily(ModelFamily):
 
         train_ids, vocab_size = stream("train"), sp.vocab_size()
         result = train_language_model(
-            lambda: self.build(arch, vocab_size),
+            builder(lambda: self.build(arch, vocab_size), job),
             train_ids,
             stream("valid"),
             training,
@@ -118,6 +142,7 @@ class NeuralLMFamily(ModelFamily):
 class Seq2SeqFamily(ModelFamily):
     task = SEQUENCE_TO_SEQUENCE
     Training = Seq2SeqTrainSettings
+    warm_start = True
 
     def build(self, arch: Any, vocab_size: int) -> nn.Module:
         raise NotImplementedError
@@ -136,7 +161,7 @@ class Seq2SeqFamily(ModelFamily):
 
         train, vocab_size = pairs("train"), sp.vocab_size()
         result = train_seq2seq_model(
-            lambda: self.build(arch, vocab_size),
+            builder(lambda: self.build(arch, vocab_size), job),
             train,
             pairs("valid"),
             training,

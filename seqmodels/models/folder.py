@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from seqmodels.files import atomic_write_text, load_sentencepiece
+from seqmodels.files import atomic_write_text, file_sha256, load_sentencepiece
 from seqmodels.models import get_family
-from seqmodels.models.family import TrainJob
+from seqmodels.models.family import WEIGHTS_FILE, TrainJob
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback
 
 META_FILE = "seqmodels.json"
@@ -46,18 +46,25 @@ def train_model(
     *,
     on_metrics: MetricsCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model of an experiment into `out_dir` (train split; valid for validation).
 
+    `init_from`: a finished model folder whose weights training starts from; it must hold
+    the same type and architecture, and the same vocabulary as `spm_model`.
     Returns the family's summary (parameters, steps, time, tokens/s, device, vocab size...).
     """
+    family = get_family(spec.type)
+    init_weights = None
+    if init_from is not None:
+        init_weights = check_warm_start(Path(init_from), spec, Path(spm_model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # unfinished until written again
-    family = get_family(spec.type)
     shutil.copyfile(spm_model, out_dir / "spm.model")
     started = time.perf_counter()
     job = TrainJob(spec.type, Path(parquet), Path(spm_model), out_dir, on_metrics, on_progress)
+    job.init_weights = init_weights
     summary = family.train(spec.architecture, spec.training, job)
     summary.setdefault("train_time_s", time.perf_counter() - started)
     summary["vocab_size"] = load_sentencepiece(spm_model).vocab_size()
@@ -70,6 +77,32 @@ def train_model(
     }
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return summary
+
+
+def check_warm_start(init_from: Path, spec: ModelSpecLike, spm_model: Path) -> Path:
+    """The weights file of `init_from` if its model can seed `spec`; a ValueError naming both
+    when the type, the architecture or the vocabulary differs."""
+    if not get_family(spec.type).warm_start:
+        raise ValueError(f"a {spec.type} model cannot start from another model's weights")
+    meta = read_model_meta(init_from)
+    ours = spec.architecture.model_dump(mode="json")
+    theirs = get_family(meta["type"]).Architecture.model_validate(meta["architecture"])
+    theirs = theirs.model_dump(mode="json")
+    if meta["type"] != spec.type or theirs != ours:
+        raise ValueError(
+            f"init_from {init_from} holds a {meta['type']} model with architecture {theirs}; "
+            f"this model is a {spec.type} with architecture {ours}: they must match"
+        )
+    vocab = init_from / "spm.model"
+    if file_sha256(vocab) != file_sha256(spm_model):
+        raise ValueError(
+            f"init_from {init_from} was trained with the vocabulary {vocab}, which differs from "
+            f"this experiment's {spm_model}: a warm start needs the same vocabulary"
+        )
+    weights = init_from / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"init_from {init_from} has no {WEIGHTS_FILE}")
+    return weights
 
 
 def read_model_meta(model_dir: Path) -> dict[str, Any]:
