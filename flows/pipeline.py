@@ -158,5 +158,8 @@ def pipeline_flow(
         config = load_config(config_path, experiments)
     rows: list[dict] = []
     for name in config.experiments:
-        rows += experiment_flow(config, name, config_path, refresh_cache)
+        # Each experiment sees only its own part, as when run alone (`-e NAME`): its
+        # config_hash and config.json do not change when another experiment does.
+        own = config.model_copy(update={"experiments": {name: config.experiments[name]}})
+        rows += experiment_flow(own, name, config_path, refresh_cache)
     return rows

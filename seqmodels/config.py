@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from seqmodels.data.settings import (  # noqa: F401  (part of the config's public names)
     ARCHIVE_SUFFIXES,
@@ -26,6 +33,10 @@ from seqmodels.models import FAMILIES, LANGUAGE_MODEL, SEQUENCE_TO_SEQUENCE
 from seqmodels.settings import Settings
 
 MIRROR_ENV = "SEQMODELS_MIRROR"
+
+
+# A bare version number may be written as a YAML number (`init_from: 3`).
+InitFrom = Annotated[str | None, BeforeValidator(lambda v: str(v) if type(v) is int else v)]
 
 
 def _model_spec_type():
@@ -43,7 +54,7 @@ def _model_spec_type():
                 training=(family.Training, family.Training()),
                 # Start from another model's weights: models:/NAME@ALIAS, models:/NAME/N,
                 # runs:/ID/model, or a version number of this experiment's registered model.
-                init_from=(str | None, None),
+                init_from=(InitFrom, None),
             )
         )
     return Annotated[Union[tuple(specs)], Field(discriminator="type")]  # noqa: UP007

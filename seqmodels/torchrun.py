@@ -58,6 +58,12 @@ class ParsedSpec:
     """A spec's model type with its validated architecture and training settings."""
 
     def __init__(self, spec: dict[str, Any]):
+        if "type" not in spec:
+            raise ValueError(
+                "a spec names its model with `type` (a registered type such as transformer_lm) "
+                "and its settings with `architecture` and `training`; the old keys "
+                "`arch`/`model`/`train` are no longer read"
+            )
         self.type = spec["type"]
         family = get_family(self.type)
         self.family = family

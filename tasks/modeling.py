@@ -18,14 +18,17 @@ from seqmodels.config import ExperimentConfig, ModelSpec
 from seqmodels.evaluation.scoring import evaluate_model, metrics_markdown, outputs_record
 from seqmodels.files import atomic_write_text, json_digest
 from seqmodels.models.folder import train_model
-from tasks.progress import TrainingProgress
+from seqmodels.training.progress import TrainingProgress
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
 
 def training_dir(work_dir: str, model_name: str, spec: ModelSpec, parquet: str, spm: str) -> Path:
     """The same model on the same data always trains in the same folder, so a retry or the
     next run after a crash resumes from its last checkpoint instead of starting over."""
-    key = json_digest(model_name, spec.model_dump(mode="json"), parquet, spm, length=12)
+    # Only what the config sets: a new setting with a default must not rename every folder
+    # (and so lose every resume point). The trainer's own resume key has all settings.
+    settings = spec.model_dump(mode="json", exclude_defaults=True)
+    key = json_digest(model_name, settings, parquet, spm, length=12)
     return Path(work_dir) / "models" / f"{model_name}-{key}"
 
 

@@ -54,8 +54,13 @@ def _log_dataset_input(client: mlflow.MlflowClient, run_id: str, parquet: str, d
     )
     # A local path matches MLflow's local-file source twice (for "" and "file:"), which makes
     # resolve_dataset_source warn; the source is known, so it is built directly.
-    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
-    source = local(Path(parquet).resolve().as_uri())
+    found = [s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"]
+    if found:
+        source = found[0](Path(parquet).resolve().as_uri())
+    else:  # another MLflow: let it resolve the path (it may warn)
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        source = resolve_dataset_source(parquet)
     dataset = MetaDataset(source, Path(parquet).parent.name, digest[:16], schema)
     context = InputTag(key="mlflow.data.context", value="train+valid+test")
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])

@@ -175,7 +175,8 @@ def test_versions_registered_by_the_previous_code_still_load_through_the_registr
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run():
+    exp = mlflow.create_experiment("legacy", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp):
         mlflow.pyfunc.log_model(
             name="model",
             python_model=str(REPO / "tests" / "fixtures" / "legacy_pyfunc_model.py"),
@@ -270,3 +271,16 @@ def test_init_from_is_refused_for_a_family_that_is_not_trained(tmp_path):
     )
     with pytest.raises(ConfigError, match="cannot start from another model's weights"):
         load_config(path)
+
+
+def test_whole_numbers_written_in_e_notation_fill_integer_settings(tmp_path):
+    config = load_config(write_config(tmp_path, "{max_steps: 1e4, batch_tokens: 16e3}"))
+    training = config.experiments["lm"].models["small"].training
+    assert training.max_steps == 10_000 and training.batch_tokens == 16_000
+    with pytest.raises(ConfigError, match=r"training.max_steps: Input should be a valid integer"):
+        load_config(write_config(tmp_path, "{max_steps: 1.5e1x}"))
+
+
+def test_init_from_takes_a_bare_version_number(tmp_path):
+    spec = parse_model_spec({"type": "lstm_lm", "init_from": 3})
+    assert spec.init_from == "3"

@@ -252,7 +252,7 @@ def sample_continuation(
         new.append(nxt)
         tokens.append(nxt)
         if limit is not None and model.state_length(state) + 1 > limit:
-            context = tokens[-(limit // 2) :]
+            context = tokens[-max(1, limit // 2) :]
             logits, state = model(torch.tensor([context], device=device))
         else:
             logits, state = model(torch.tensor([[nxt]], device=device), state)

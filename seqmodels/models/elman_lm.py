@@ -24,7 +24,7 @@ class ElmanLMFamily(RecurrentLMFamily):
     Architecture = ElmanLMArchitecture
 
     def __init__(self) -> None:
-        super().__init__(cell="rnn")
+        self.cell = "rnn"
 
     def make_rnn(self, arch: ElmanLMArchitecture) -> nn.RNNBase:
         return nn.RNN(

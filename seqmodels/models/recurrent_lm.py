@@ -62,12 +62,15 @@ class RecurrentLMFamily(NeuralLMFamily):
 
     Architecture = RecurrentLMArchitecture
 
-    def __init__(self, cell: Literal["lstm", "gru", "rnn"]):
+    CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, cell: Literal["lstm", "gru"]):
+        if cell not in self.CELLS:
+            raise ValueError(f"unknown recurrent cell {cell!r}; use one of {sorted(self.CELLS)}")
         self.cell = cell
 
     def make_rnn(self, arch: RecurrentLMArchitecture) -> nn.RNNBase:
-        rnn_cls = nn.LSTM if self.cell == "lstm" else nn.GRU
-        return rnn_cls(
+        return self.CELLS[self.cell](
             arch.emb_dim,
             arch.hidden_size,
             arch.n_layers,

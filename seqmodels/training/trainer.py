@@ -337,7 +337,7 @@ class TrainingRun:
             Progress(
                 step=book.step,
                 max_steps=self.job.settings.max_steps,
-                loss=loss / self.ctx.world,
+                loss=loss,  # rank 0's estimate of the mean (its slice, scaled by world)
                 tokens_per_s=book.log_tokens / max(book.log_s, 1e-9),
                 elapsed_s=time.perf_counter() - self.t_start,
                 resumed_from_step=self.resumed_from,

@@ -1,8 +1,9 @@
-"""Training progress where users look: a live bar on the terminal, lines in the Prefect log.
+"""Training progress where users look: a live bar on the terminal, lines in a log (the
+Prefect task log when the train task passes its logger).
 
 The bar (rich) shows, per model, step/total, loss, tokens/s, elapsed and remaining time, as
 fairseq or a Lightning bar would. It draws only on an interactive terminal; logs, CI and
-Prefect workers get the same figures as a line in the task's log every `log_every_s` seconds
+Prefect workers get the same figures as a line in the given log every `log_every_s` seconds
 and at the last step, so a long training is never silent.
 """
 
@@ -51,6 +52,7 @@ class TrainingProgress:
     ):
         self.name, self.logger, self.log_every_s = name, logger, log_every_s
         self.last_log = time.monotonic()
+        self.last: TrainingStep | None = None  # not yet logged
         console = Console(file=sys.stderr)
         self.bar = None
         if console.is_terminal:
@@ -76,6 +78,8 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+        if self.last is not None:  # stopped early or by the time limit: say where
+            self.logger.info(progress_line(self.name, self.last))
 
     def __call__(self, p: TrainingStep) -> None:
         if self.bar is not None:
@@ -87,6 +91,7 @@ class TrainingProgress:
                 tokens_per_s=p.tokens_per_s,
             )
         now = time.monotonic()
+        self.last = p
         if now - self.last_log >= self.log_every_s or p.step == p.max_steps:
-            self.last_log = now
+            self.last_log, self.last = now, None
             self.logger.info(progress_line(self.name, p))
