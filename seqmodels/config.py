@@ -39,6 +39,14 @@ MIRROR_ENV = "SEQMODELS_MIRROR"
 InitFrom = Annotated[str | None, BeforeValidator(lambda v: str(v) if type(v) is int else v)]
 
 
+def _default(settings: type[Settings]) -> Any:
+    """The settings' defaults, or `...` (required) when a field has none (e.g. the checkpoint
+    a pretrained model starts from)."""
+    if any(field.is_required() for field in settings.model_fields.values()):
+        return ...
+    return settings()
+
+
 def _model_spec_type():
     """ModelSpec: one pydantic model per registered family, told apart by `type`. Its
     `architecture` and `training` are that family's typed settings, so a wrong key or a value
@@ -50,7 +58,7 @@ def _model_spec_type():
                 f"ModelSpec[{name}]",
                 __base__=Settings,
                 type=(Literal[name], ...),
-                architecture=(family.Architecture, family.Architecture()),
+                architecture=(family.Architecture, _default(family.Architecture)),
                 training=(family.Training, family.Training()),
                 # Start from another model's weights: models:/NAME@ALIAS, models:/NAME/N,
                 # runs:/ID/model, or a version number of this experiment's registered model.
@@ -106,6 +114,10 @@ class ExperimentConfig(Settings):
                     f"model {name!r}: a {spec.type} model cannot start from another model's "
                     "weights (init_from)"
                 )
+            try:
+                family.preflight(spec.architecture)
+            except ValueError as exc:
+                raise ValueError(f"model {name!r}: {exc}") from None
         if (self.task == "translation") != (self.corpus.kind == "parallel"):
             raise ValueError(f"task {self.task!r} does not fit a {self.corpus.kind} corpus")
         return self

@@ -89,3 +89,29 @@ def train_s2s(
 def load_trained(spec: FamilyArch, vocab_size: int, out_dir: Path) -> nn.Module:
     """A trained weights folder (out_dir/model.pt) rebuilt on the CPU, in eval mode."""
     return load_weights(build(spec, vocab_size), out_dir, device="cpu")
+
+
+def make_tiny_gpt2(folder: Path, lines: list[str]) -> Path:
+    """A random GPT-2 and a byte-level BPE tokenizer trained on `lines`, in save_pretrained
+    layout: what a user would download from the hub, at a test's size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(lines * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from seqmodels.config import ConfigError, VocabConfig, load_config, parse_model_spec
+from seqmodels.data.splits import read_split
 from seqmodels.data.vocab import train_sentencepiece
 from seqmodels.models import FAMILIES, LANGUAGE_MODEL
 from seqmodels.models.folder import META_FILE, load_predictor, train_model
 from tests.conftest import REPO
+from tests.model_helpers import make_tiny_gpt2
 
 LEGACY = REPO / "tests" / "fixtures" / "legacy_models"
 
@@ -101,6 +103,14 @@ def tiny_corpora(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def tiny_pretrained(tiny_corpora, tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints (save_pretrained layout) for the families that fine-tune one."""
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    lines = read_split(tiny_corpora["language_model"][0], "train", ["text"])["text"]
+    return {"hf_causal_lm": make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), lines)}
+
+
 SMALL = {
     "ngram": {"order": 3},
     "lstm_lm": {"emb_dim": 16, "hidden_size": 16, "n_layers": 1},
@@ -111,9 +121,9 @@ SMALL = {
 }
 
 
-def small_spec(model_type: str):
+def small_spec(model_type: str, arch: dict | None = None):
     family = FAMILIES[model_type]
-    arch = SMALL.get(model_type, {})  # a new family trains at its default size
+    arch = arch or SMALL.get(model_type, {})  # a new family trains at its default size
     training = {}
     if "max_steps" in family.Training.model_fields:
         training = {"max_steps": 6, "batch_tokens": 256, "eval_every": 3, "warmup_steps": 2}
@@ -121,10 +131,17 @@ def small_spec(model_type: str):
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_every_family_trains_writes_a_folder_and_loads_back(model_type, tiny_corpora, tmp_path):
+def test_every_family_trains_writes_a_folder_and_loads_back(
+    model_type, tiny_corpora, tmp_path, request
+):
     task = "language_model" if FAMILIES[model_type].task == LANGUAGE_MODEL else "translation"
     parquet, spm = tiny_corpora[task]
-    summary = train_model(small_spec(model_type), task, parquet, spm, tmp_path, {"beam_size": 2})
+    arch = None
+    if "pretrained" in FAMILIES[model_type].Architecture.model_fields:
+        # A family that fine-tunes a checkpoint starts from a tiny one made here.
+        arch = {"pretrained": str(request.getfixturevalue("tiny_pretrained")[model_type])}
+    spec = small_spec(model_type, arch)
+    summary = train_model(spec, task, parquet, spm, tmp_path, {"beam_size": 2})
     assert summary["vocab_size"] > 0 and summary["train_time_s"] > 0
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert meta["type"] == model_type and meta["format"] == 2

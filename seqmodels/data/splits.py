@@ -20,17 +20,19 @@ def read_split(parquet_path: Path, split: str, columns: list[str]) -> dict[str, 
 
 
 def encode_lines(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[np.ndarray]:
+    # `sp`: SentencePiece or anything with the same batch `encode` (a family's tokenizer)
     return [np.asarray(ids, dtype=np.int32) for ids in sp.encode(lines)]
 
 
-def language_model_stream(sentences: list[np.ndarray]) -> np.ndarray:
-    """One flat stream: EOS, then each line's pieces followed by EOS.
+def language_model_stream(sentences: list[np.ndarray], eos: int = EOS_ID) -> np.ndarray:
+    """One flat stream: EOS, then each line's pieces followed by EOS (`eos`: the end-of-line
+    id of the tokenizer; SentencePiece's by default).
 
     The leading EOS is the "start of text" context, so every line, the first included, is
     predicted from a boundary symbol, exactly as the n-gram model sees `<s>`.
     """
-    parts = [np.array([EOS_ID], dtype=np.int32)]
-    eos = np.array([EOS_ID], dtype=np.int32)
+    boundary = np.array([eos], dtype=np.int32)
+    parts = [boundary]
     for ids in sentences:
-        parts += [ids, eos]
+        parts += [ids, boundary]
     return np.concatenate(parts)

@@ -202,10 +202,12 @@ def sequence_log_probs(
     return tok_logp.sum(1).tolist()
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> int:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k, top_p, generator, banned=(PAD_ID, BOS_ID)
+) -> int:
     logits = logits.float().clone()
-    logits[PAD_ID] = float("-inf")
-    logits[BOS_ID] = float("-inf")
+    for token in banned:  # ids that are not text (padding, start of sequence)
+        logits[token] = float("-inf")
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits / temperature
@@ -232,10 +234,12 @@ def sample_continuation(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     stop_token: int | None = EOS_ID,
+    banned: tuple[int, ...] = (PAD_ID, BOS_ID),
 ) -> list[int]:
     """Sample up to max_new_tokens after `prompt` (non-empty ids) from a language model.
 
-    temperature <= 0 means greedy. Stops before emitting `stop_token` (end of line). The
+    temperature <= 0 means greedy. Stops before emitting `stop_token` (end of line); the
+    `banned` ids are never sampled (SentencePiece's pad and bos by default). The
     model's state (a key/value cache or a recurrent state) is carried from step to step; a
     model with a `max_context` is re-run on the last max_context // 2 tokens when its state
     is full (learned absolute positions cannot slide).
@@ -246,7 +250,7 @@ def sample_continuation(
     new: list[int] = []
     logits, state = model(torch.tensor([tokens[-limit:] if limit else tokens], device=device))
     for _ in range(max_new_tokens):
-        nxt = _sample(logits[0, -1], temperature, top_k, top_p, generator)
+        nxt = _sample(logits[0, -1], temperature, top_k, top_p, generator, banned)
         if nxt == stop_token:
             break
         new.append(nxt)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqmodels import EOS_ID, PAD_ID
+from seqmodels import BOS_ID, EOS_ID, PAD_ID
 from seqmodels.inference.decoding import beam_search, greedy_decode, sample_continuation
 
 RNN_WINDOW = 256  # recurrent scoring chunk; the state is carried, so any size gives the same NLL
@@ -105,16 +105,27 @@ class LanguageModelPredictor:
 
 
 class NeuralLMPredictor(LanguageModelPredictor):
-    def __init__(self, model: nn.Module, sp: spm.SentencePieceProcessor):
+    """A neural LM with its tokenizer: SentencePiece, or a family's own tokenizer with the same
+    `encode`/`decode`, whose end-of-line id (`eos_id`) and ids that are never sampled
+    (`banned`) are given here; the defaults are SentencePiece's conventions."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sp: spm.SentencePieceProcessor,
+        eos_id: int = EOS_ID,
+        banned: tuple[int, ...] = (PAD_ID, BOS_ID),
+    ):
         self.model, self.sp = model, sp
+        self.eos_id, self.banned = eos_id, tuple(banned)
         self.device = next(model.parameters()).device
 
     def stream_ids(self, lines: list[str]) -> list[int]:
         """[EOS] + (pieces(line) + [EOS] for each line): the stream the LM was trained on."""
-        ids = [EOS_ID]
+        ids = [self.eos_id]
         for pieces in self.sp.encode(list(lines)):
             ids.extend(pieces)
-            ids.append(EOS_ID)
+            ids.append(self.eos_id)
         return ids
 
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
@@ -194,7 +205,7 @@ class NeuralLMPredictor(LanguageModelPredictor):
             gen = torch.Generator(device=self.device).manual_seed(seed)
         outputs = []
         for prompt in prompts:
-            prompt_ids = [EOS_ID] + self.sp.encode(prompt)
+            prompt_ids = [self.eos_id] + self.sp.encode(prompt)
             new = sample_continuation(
                 self.model,
                 prompt_ids,
@@ -203,17 +214,20 @@ class NeuralLMPredictor(LanguageModelPredictor):
                 top_k=top_k,
                 top_p=top_p,
                 generator=gen,
-                stop_token=EOS_ID if stop_at_line_end else None,
+                stop_token=self.eos_id if stop_at_line_end else None,
+                banned=self.banned,
             )
-            outputs.append(continuation_text(self.sp, prompt_ids[1:], new))
+            outputs.append(continuation_text(self.sp, prompt_ids[1:], new, self.eos_id))
         return outputs
 
 
-def continuation_text(sp: spm.SentencePieceProcessor, prompt: list[int], new: list[int]) -> str:
+def continuation_text(
+    sp: spm.SentencePieceProcessor, prompt: list[int], new: list[int], eos_id: int = EOS_ID
+) -> str:
     """Text of `new` as it continues `prompt`; every EOS in `new` starts a new line."""
     lines: list[list[int]] = [[]]
     for token in new:
-        if token == EOS_ID:
+        if token == eos_id:
             lines.append([])
         else:
             lines[-1].append(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from seqmodels.models.conv_seq2seq import ConvSeq2SeqFamily
 from seqmodels.models.elman_lm import ElmanLMFamily
 from seqmodels.models.family import LANGUAGE_MODEL, SEQUENCE_TO_SEQUENCE, ModelFamily
+from seqmodels.models.hf_causal_lm import HFCausalLMFamily
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqFamily
 from seqmodels.models.ngram import NgramFamily
 from seqmodels.models.recurrent_lm import RecurrentLMFamily
@@ -25,6 +26,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "lstm_seq2seq": LSTMSeq2SeqFamily(),
     "transformer_seq2seq": TransformerSeq2SeqFamily(),
     "conv_seq2seq": ConvSeq2SeqFamily(),
+    "hf_causal_lm": HFCausalLMFamily(),
 }
 
 __all__ = ["FAMILIES", "LANGUAGE_MODEL", "SEQUENCE_TO_SEQUENCE", "ModelFamily", "get_family"]

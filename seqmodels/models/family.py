@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from seqmodels import EOS_ID
 from seqmodels.data.splits import encode_lines, language_model_stream, read_split
 from seqmodels.files import file_sha256, load_sentencepiece
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
@@ -60,6 +61,11 @@ class ModelFamily:
     Architecture: ClassVar[type[Settings]]
     Training: ClassVar[type[Settings]]
     warm_start: ClassVar[bool] = False  # can training start from another model's weights
+
+    def preflight(self, arch: Any) -> None:
+        """Checks of what lies outside the config (installed packages, a checkpoint to start
+        from), run when a config is validated, before any stage; a ValueError says what is
+        missing. Most families need nothing."""
 
     def train(self, arch: Any, training: Any, job: TrainJob) -> dict[str, Any]:
         """Train into job.out_dir (weights only; the folder's metadata is written by the
@@ -112,26 +118,42 @@ class NeuralLMFamily(ModelFamily):
         """Longest context the model can see (None: unlimited, e.g. recurrent state)."""
         return None
 
+    # Hooks for a family that brings its own tokenizer (a pretrained checkpoint's): anything
+    # with SentencePiece's batch `encode` and `vocab_size()`, and its end-of-line id.
+    def tokenizer(self, arch: Any, job: TrainJob) -> Any:
+        """The tokenizer of the training text (the experiment's SentencePiece model)."""
+        return load_sentencepiece(job.spm_model)
+
+    def end_of_line_id(self, tokenizer: Any) -> int:
+        """The id that ends every line (and starts the stream) of the LM's token stream."""
+        return EOS_ID
+
+    def model_identity(self, arch: Any, job: TrainJob, vocab_size: int) -> dict[str, Any]:
+        """What the resume key knows of the model (see `identity`)."""
+        return identity(job, arch, vocab_size)
+
     def train(self, arch: Any, training: LMTrainSettings, job: TrainJob) -> dict[str, Any]:
-        sp = load_sentencepiece(job.spm_model)
+        tok = self.tokenizer(arch, job)
+        eos = self.end_of_line_id(tok)
 
         def stream(split: str) -> np.ndarray:
             lines = read_split(job.parquet, split, ["text"])["text"]
-            return language_model_stream(encode_lines(sp, lines))
+            return language_model_stream(encode_lines(tok, lines), eos)
 
-        train_ids, vocab_size = stream("train"), sp.vocab_size()
+        train_ids, vocab_size = stream("train"), tok.vocab_size()
         result = train_language_model(
             builder(lambda: self.build(arch, vocab_size), job),
             train_ids,
             stream("valid"),
             training,
             job.out_dir,
-            model_identity=identity(job, arch, vocab_size),
+            model_identity=self.model_identity(arch, job, vocab_size),
             max_context=self.max_context(arch),
             on_metrics=job.on_metrics,
             on_progress=job.on_progress,
         )
-        return {**result.summary(), "train_tokens": int(len(train_ids))}
+        summary = {**result.summary(), "train_tokens": int(len(train_ids))}
+        return {**summary, "vocab_size": vocab_size}
 
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
         sp = load_sentencepiece(Path(model_dir) / "spm.model")

@@ -67,7 +67,8 @@ def train_model(
     job.init_weights = init_weights
     summary = family.train(spec.architecture, spec.training, job)
     summary.setdefault("train_time_s", time.perf_counter() - started)
-    summary["vocab_size"] = load_sentencepiece(spm_model).vocab_size()
+    # A family with its own tokenizer reports its vocabulary; the others use spm_model's.
+    summary.setdefault("vocab_size", load_sentencepiece(spm_model).vocab_size())
     meta = {
         "format": FORMAT,
         "type": spec.type,

@@ -20,6 +20,7 @@ from seqmodels import BOS_ID, EOS_ID, PAD_ID
 from seqmodels.training.checkpoint import numpy_rng_state, set_numpy_rng_state
 
 Batch = tuple[torch.Tensor, ...]
+IGNORE_TARGET = -100  # LM target left out of the loss (torch's default ignore_index)
 
 
 # --- language models --------------------------------------------------------------------
@@ -55,11 +56,13 @@ class LMBatches:
 
 
 def lm_valid_batches(ids: np.ndarray, block: int, batch_size: int) -> list[Batch]:
-    """Non-overlapping windows covering every validation token once (last one padded)."""
+    """Non-overlapping windows covering every validation token once (last one padded: inputs
+    with PAD_ID, targets with IGNORE_TARGET, since a tokenizer other than SentencePiece may
+    use PAD_ID for a real token)."""
     windows_x, windows_y = [], []
     for s in range(0, len(ids) - 1, block):
         x = np.full(block, PAD_ID, dtype=np.int64)
-        y = np.full(block, PAD_ID, dtype=np.int64)
+        y = np.full(block, IGNORE_TARGET, dtype=np.int64)
         chunk = ids[s : s + block + 1]
         x[: len(chunk) - 1] = chunk[:-1]
         y[: len(chunk) - 1] = chunk[1:]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from seqmodels import PAD_ID
 from seqmodels.training.batching import (
+    IGNORE_TARGET,
     Batch,
     LMBatches,
     PairBatches,
@@ -41,12 +42,14 @@ DEFAULT_BLOCK = 128  # LM training context when neither the settings nor the mod
 def lm_loss(model: nn.Module, batch: Batch, training: bool) -> tuple[torch.Tensor, int]:
     # Language models are judged by their likelihood, so they train on the true NLL (no
     # label smoothing). Every LM maps ids (B, T) to (logits, state).
+    # Only padding targets are ignored (IGNORE_TARGET, not PAD_ID: with a pretrained
+    # checkpoint's tokenizer, id 0 is a real token).
     x, y = batch
     logits, _ = model(x)
     loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), y.flatten(), ignore_index=PAD_ID, reduction="sum"
+        logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_TARGET, reduction="sum"
     )
-    return loss, int((y != PAD_ID).sum())
+    return loss, int((y != IGNORE_TARGET).sum())
 
 
 def train_language_model(
