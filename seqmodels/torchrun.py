@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from seqmodels.config import TASK_FAMILIES
 from seqmodels.models import LANGUAGE_MODEL, get_family
+from seqmodels.models.family import identity
 from seqmodels.models.folder import train_model
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model
 
@@ -84,7 +86,7 @@ def run_spec(spec: dict[str, Any], base: Path = Path(".")) -> dict[str, Any]:
 
     data = spec["data"]
     if "parquet" in data:
-        task = "language_model" if parsed.family.task == LANGUAGE_MODEL else "translation"
+        task = next(t for t, kind in TASK_FAMILIES.items() if kind == parsed.family.task)
         return train_model(
             parsed, task, base / data["parquet"], base / data["spm"], out_dir, on_metrics=on_metrics
         )
@@ -95,11 +97,7 @@ def train_on_arrays(parsed: ParsedSpec, spec: dict[str, Any], base: Path, on_met
     """Train from id arrays saved with np.save (LM streams) or save_pairs (seq2seq pairs)."""
     data, family, vocab_size = spec["data"], parsed.family, int(spec["vocab_size"])
     arch, out_dir = parsed.architecture, base / spec["out_dir"]
-    model_identity = {
-        "type": parsed.type,
-        "architecture": arch.model_dump(),
-        "vocab_size": vocab_size,
-    }
+    model_identity = identity(parsed.type, arch, vocab_size)
     if family.task == LANGUAGE_MODEL:
         valid = np.load(base / data["valid"]) if data.get("valid") else np.zeros(0, np.int32)
         return train_language_model(

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from seqmodels.models import FAMILIES
+from seqmodels.models.family import identity as family_identity
 from seqmodels.models.family import load_weights
 from seqmodels.settings import Settings
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model
@@ -39,7 +40,7 @@ def build(spec: FamilyArch, vocab_size: int, seed: int | None = None) -> nn.Modu
 
 def identity(spec: FamilyArch, vocab_size: int) -> dict[str, Any]:
     """What the families record as the model's identity in checkpoints."""
-    return {"type": spec.type, "architecture": spec.arch.model_dump(), "vocab_size": vocab_size}
+    return family_identity(spec.type, spec.arch, vocab_size)
 
 
 def train_lm(

@@ -30,7 +30,7 @@ def _max_lengths(model, src_mask: torch.Tensor, max_len_a: float, max_len_b: flo
     src_len counts the non-pad source tokens (including the EOS the caller appends)."""
     src_len = src_mask.sum(1).float()
     max_len = (max_len_a * src_len + max_len_b).long().clamp(min=1)
-    limit = getattr(model, "max_positions", None)
+    limit = model.max_positions  # every seq2seq model declares it (None: no limit)
     if limit is not None:  # decoding position t needs t < max_positions
         max_len = max_len.clamp(max=limit - 1)
     return max_len

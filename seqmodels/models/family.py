@@ -77,18 +77,24 @@ class ModelFamily:
         raise NotImplementedError
 
 
+def load_state(model: nn.Module, weights: Path) -> nn.Module:
+    """A weights file (model.pt) into a built model (weights_only: a file cannot run code)."""
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model
+
+
 def load_weights(model: nn.Module, model_dir: Path, device: str = "auto") -> nn.Module:
-    """model.pt into a freshly built model (weights_only: a folder cannot run code)."""
-    state = torch.load(Path(model_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.to(resolve_device(device)).eval()
+    """A folder's model.pt into a freshly built model, on `device`, in eval mode."""
+    return load_state(model, Path(model_dir) / WEIGHTS_FILE).to(resolve_device(device)).eval()
 
 
-def identity(job: TrainJob, arch: Settings, vocab_size: int) -> dict[str, Any]:
+def identity(
+    model_type: str, arch: Settings, vocab_size: int, init_weights: Path | None = None
+) -> dict[str, Any]:
     """What the resume key knows of the model: a warm start is another run than a scratch one."""
-    found = {"type": job.model_type, "architecture": arch.model_dump(), "vocab_size": vocab_size}
-    if job.init_weights is not None:
-        found["init_weights_sha256"] = file_sha256(job.init_weights)
+    found = {"type": model_type, "architecture": arch.model_dump(), "vocab_size": vocab_size}
+    if init_weights is not None:
+        found["init_weights_sha256"] = file_sha256(init_weights)
     return found
 
 
@@ -97,13 +103,7 @@ def builder(build: Callable[[], nn.Module], job: TrainJob) -> Callable[[], nn.Mo
     if job.init_weights is None:
         return build
 
-    def build_warm() -> nn.Module:
-        model = build()
-        state = torch.load(job.init_weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return model
-
-    return build_warm
+    return lambda: load_state(build(), job.init_weights)
 
 
 class NeuralLMFamily(ModelFamily):
@@ -130,7 +130,7 @@ class NeuralLMFamily(ModelFamily):
 
     def model_identity(self, arch: Any, job: TrainJob, vocab_size: int) -> dict[str, Any]:
         """What the resume key knows of the model (see `identity`)."""
-        return identity(job, arch, vocab_size)
+        return identity(job.model_type, arch, vocab_size, job.init_weights)
 
     def train(self, arch: Any, training: LMTrainSettings, job: TrainJob) -> dict[str, Any]:
         tok = self.tokenizer(arch, job)
@@ -188,7 +188,7 @@ class Seq2SeqFamily(ModelFamily):
             pairs("valid"),
             training,
             job.out_dir,
-            model_identity=identity(job, arch, vocab_size),
+            model_identity=identity(job.model_type, arch, vocab_size, job.init_weights),
             max_positions=self.max_positions(arch),
             on_metrics=job.on_metrics,
             on_progress=job.on_progress,

@@ -241,7 +241,7 @@ class HFCausalLMFamily(NeuralLMFamily):
         self, arch: HFCausalLMArchitecture, job: TrainJob, vocab_size: int
     ) -> dict[str, Any]:
         # Other weights in the same folder make another run (resume must not mix them).
-        found = identity(job, arch, vocab_size)
+        found = identity(job.model_type, arch, vocab_size, job.init_weights)
         return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
 
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
