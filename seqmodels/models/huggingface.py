@@ -1,0 +1,164 @@
+"""What every pretrained Hugging Face family shares: finding a checkpoint without surprises
+(a local folder, or a hub id through the Hugging Face cache; a clear error offline), its
+tokenizer behind the part of SentencePiece's interface seqmodels uses, and the digest of its
+weights for the lineage.
+
+`transformers` is an optional extra: nothing here imports it at module import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from pydantic import model_validator
+
+from seqmodels.files import file_sha256
+from seqmodels.settings import Settings
+
+HF_DIR = "hf"  # the model folder's copy of the checkpoint's config and tokenizer
+INSTALL_HINT = "install the hf extra: pip install 'seqmodels[hf]'"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def require_transformers() -> Any:
+    """The `transformers` module, or an ImportError saying which extra to install."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            f"pretrained Hugging Face models need transformers: {INSTALL_HINT}"
+        ) from None
+    return transformers
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (any of 1/true/yes/on)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def not_available(pretrained: str, why: str) -> ValueError:
+    return ValueError(
+        f"pretrained checkpoint {pretrained!r} is not a local folder and {why}. Download it on a "
+        "machine with internet (`hf download <id> --local-dir FOLDER`, or `save_pretrained("
+        "FOLDER)` of the model and its tokenizer) and set `pretrained:` to that folder"
+    )
+
+
+def check_checkpoint(pretrained: str, revision: str | None) -> None:
+    """A ValueError when `pretrained` cannot be found without the network while the hub is
+    offline; a local folder must hold config.json. Never touches the network."""
+    local = Path(pretrained).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"pretrained folder {local} has no config.json (save_pretrained)")
+        return
+    if not hub_offline():
+        return  # resolved (and downloaded) through the Hugging Face cache when training
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(pretrained, "config.json", revision=revision)
+    except ValueError:  # not even a valid hub id (huggingface_hub's HFValidationError)
+        cached = None
+    if not isinstance(cached, str):
+        raise not_available(pretrained, "is not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+
+
+class PretrainedArchitecture(Settings):
+    # A folder in save_pretrained layout, or a hub id resolved through the Hugging Face cache.
+    pretrained: str
+    revision: str | None = None  # hub branch, tag or commit; ignored for a folder
+
+    @model_validator(mode="after")
+    def _transformers_installed(self) -> PretrainedArchitecture:
+        # Checked here (not only when training) so a config fails before any stage runs.
+        try:
+            require_transformers()
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer with the part of SentencePiece's interface seqmodels uses."""
+
+    def __init__(self, tokenizer: Any):
+        # Lines end with eos; BERT-style tokenizers have none, and end segments with sep.
+        end = tokenizer.eos_token_id
+        if end is None:
+            end = tokenizer.sep_token_id
+        if end is None:
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r} has neither an eos nor a sep token to "
+                "end lines with"
+            )
+        self.tokenizer, self.end_id = tokenizer, int(end)
+
+    @classmethod
+    def load(cls, source: str | Path, revision: str | None = None) -> HFTokenizer:
+        auto = require_transformers().AutoTokenizer
+        return cls(auto.from_pretrained(str(source), revision=revision))
+
+    def encode(self, text: str | list[str]) -> list[int] | list[list[int]]:
+        """Ids of one text, or of each text of a list (no special tokens added)."""
+        if isinstance(text, str):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in text]
+
+    def decode(self, ids: list[int]) -> str:
+        # No clean-up of spaces: the text should come back as it was encoded.
+        return self.tokenizer.decode(
+            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)  # added tokens included
+
+    def eos_id(self) -> int:
+        """The id that ends a line: eos, or sep for a tokenizer without eos."""
+        return self.end_id
+
+    def banned_ids(self) -> tuple[int, ...]:
+        """Special tokens other than eos (pad, bos, unk, mask...): never sampled as text."""
+        return tuple(sorted(set(self.tokenizer.all_special_ids) - {self.eos_id()}))
+
+    def save(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(str(folder))
+
+
+def context_length(config: Any) -> int | None:
+    """Positions the model has (GPT-2 names them n_positions, most others
+    max_position_embeddings); None when the config sets neither."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def pretrained_config(arch: PretrainedArchitecture) -> Any:
+    check_checkpoint(arch.pretrained, arch.revision)
+    auto = require_transformers().AutoConfig
+    try:
+        return auto.from_pretrained(arch.pretrained, revision=arch.revision)
+    except OSError as exc:  # not found locally and the hub cannot be reached
+        raise not_available(arch.pretrained, f"could not be loaded ({exc})") from None
+
+
+def load_pretrained(arch: PretrainedArchitecture, auto_class: str) -> nn.Module:
+    """The checkpoint's model with its weights, in float32 (the trainer autocasts)."""
+    check_checkpoint(arch.pretrained, arch.revision)
+    auto = getattr(require_transformers(), auto_class)
+    try:
+        model = auto.from_pretrained(arch.pretrained, revision=arch.revision)
+    except OSError as exc:  # not found locally and the hub cannot be reached
+        raise not_available(arch.pretrained, f"could not be loaded ({exc})") from None
+    return model.float()
+
+
+def checkpoint_digest(pretrained: str) -> dict[str, str]:
+    """sha256 of a local checkpoint's weight files (a hub id is known by id and revision)."""
+    folder = Path(pretrained).expanduser()
+    if not folder.is_dir():
+        return {}
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    return {p.name: file_sha256(p) for p in files}
