@@ -17,7 +17,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from seqmodels.config import ExperimentConfig, ModelSpec
 from seqmodels.evaluation.scoring import evaluate_model, metrics_markdown, outputs_record
 from seqmodels.files import atomic_write_text, json_digest
-from seqmodels.models.folder import train_model
+from seqmodels.models.folder import model_lineage, train_model
 from seqmodels.training.progress import TrainingProgress
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
@@ -150,7 +150,9 @@ def train_model_run(
         get_run_logger().warning("%s: resuming run %s in %s", model_name, run_id, out_dir)
     else:
         log_params(client, run_id, flatten("", {"model": spec.model_dump()}))
-    lineage = {} if init_from is None else {"init_from": init_from}
+    lineage = model_lineage(spec)
+    if init_from is not None:
+        lineage["init_from"] = init_from
     if init_from is not None and init_from.startswith("models:/"):
         lineage["parent_version"] = init_from.rsplit("/", 1)[1]
     for key, value in lineage.items():

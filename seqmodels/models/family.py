@@ -32,6 +32,7 @@ from seqmodels.data.splits import encode_lines, language_model_stream, read_spli
 from seqmodels.files import file_sha256, load_sentencepiece
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
 from seqmodels.settings import Settings
+from seqmodels.training.batching import PairFraming
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model
 from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback, resolve_device
@@ -66,6 +67,11 @@ class ModelFamily:
         """Checks of what lies outside the config (installed packages, a checkpoint to start
         from), run when a config is validated, before any stage; a ValueError says what is
         missing. Most families need nothing."""
+
+    def lineage(self, arch: Any) -> dict[str, str]:
+        """Tags a registered version gets beside the pipeline's lineage (a pretrained
+        checkpoint's id, commit and weights digest); none for a model trained from scratch."""
+        return {}
 
     def train(self, arch: Any, training: Any, job: TrainJob) -> dict[str, Any]:
         """Train into job.out_dir (weights only; the folder's metadata is written by the
@@ -173,27 +179,45 @@ class Seq2SeqFamily(ModelFamily):
         """Longest source/target the model accepts (None: unlimited)."""
         return None
 
+    # Hooks for a family that brings its own tokenizer (a pretrained checkpoint's).
+    def tokenizer(self, arch: Any, job: TrainJob) -> Any:
+        """The tokenizer of both sides (the experiment's SentencePiece model)."""
+        return load_sentencepiece(job.spm_model)
+
+    def encode_pairs(self, arch: Any, tok: Any, rows: dict[str, list[str]]) -> tuple[list, list]:
+        """Token ids of the sources and the targets, without special tokens."""
+        return encode_lines(tok, rows["src"]), encode_lines(tok, rows["tgt"])
+
+    def framing(self, arch: Any, tok: Any) -> PairFraming:
+        """The special ids around each side (SentencePiece's conventions by default)."""
+        return PairFraming()
+
+    def model_identity(self, arch: Any, job: TrainJob, vocab_size: int) -> dict[str, Any]:
+        """What the resume key knows of the model (see `identity`)."""
+        return identity(job.model_type, arch, vocab_size, job.init_weights)
+
     def train(self, arch: Any, training: Seq2SeqTrainSettings, job: TrainJob) -> dict[str, Any]:
-        sp = load_sentencepiece(job.spm_model)
+        tok = self.tokenizer(arch, job)
 
         def pairs(split: str) -> list[tuple[np.ndarray, np.ndarray]]:
             rows = read_split(job.parquet, split, ["src", "tgt"])
-            sides = encode_lines(sp, rows["src"]), encode_lines(sp, rows["tgt"])
-            return list(zip(*sides, strict=True))
+            return list(zip(*self.encode_pairs(arch, tok, rows), strict=True))
 
-        train, vocab_size = pairs("train"), sp.vocab_size()
+        train, vocab_size = pairs("train"), tok.vocab_size()
         result = train_seq2seq_model(
             builder(lambda: self.build(arch, vocab_size), job),
             train,
             pairs("valid"),
             training,
             job.out_dir,
-            model_identity=identity(job.model_type, arch, vocab_size, job.init_weights),
+            model_identity=self.model_identity(arch, job, vocab_size),
             max_positions=self.max_positions(arch),
+            framing=self.framing(arch, tok),
             on_metrics=job.on_metrics,
             on_progress=job.on_progress,
         )
-        return {**result.summary(), "train_tokens": int(sum(len(t) + 1 for _, t in train))}
+        summary = {**result.summary(), "vocab_size": vocab_size}
+        return {**summary, "train_tokens": int(sum(len(t) + 1 for _, t in train))}
 
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
         sp = load_sentencepiece(Path(model_dir) / "spm.model")

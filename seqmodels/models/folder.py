@@ -80,6 +80,11 @@ def train_model(
     return summary
 
 
+def model_lineage(spec: ModelSpecLike) -> dict[str, str]:
+    """Lineage tags the model's family adds (a pretrained checkpoint's id, commit, digest)."""
+    return get_family(spec.type).lineage(spec.architecture)
+
+
 def check_warm_start(init_from: Path, spec: ModelSpecLike, spm_model: Path) -> Path:
     """The weights file of `init_from` if its model can seed `spec`; a ValueError naming both
     when the type, the architecture or the vocabulary differs."""

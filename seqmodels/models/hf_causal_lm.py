@@ -27,13 +27,17 @@ from seqmodels.models.huggingface import (
     PretrainedArchitecture,
     check_checkpoint,
     checkpoint_digest,
+    checkpoint_lineage,
     context_length,
     load_pretrained,
+    model_from_folder,
     pretrained_config,
-    require_transformers,
+    save_checkpoint_files,
 )
 from seqmodels.training.flops import matmul_params
 from seqmodels.training.settings import LMTrainSettings
+
+AUTO_CLASS = "AutoModelForCausalLM"
 
 
 class HFCausalLMArchitecture(PretrainedArchitecture):
@@ -85,7 +89,7 @@ class HFCausalLMFamily(NeuralLMFamily):
         check_checkpoint(arch.pretrained, arch.revision)
 
     def build(self, arch: HFCausalLMArchitecture, vocab_size: int) -> nn.Module:
-        model = HFCausalLM(load_pretrained(arch, "AutoModelForCausalLM"))
+        model = HFCausalLM(load_pretrained(arch, AUTO_CLASS))
         if vocab_size > model.hf.config.vocab_size:
             raise ValueError(
                 f"{arch.pretrained}: the tokenizer has {vocab_size} tokens, the model "
@@ -98,9 +102,8 @@ class HFCausalLMFamily(NeuralLMFamily):
     ) -> dict[str, Any]:
         # Config and tokenizer go into the folder first: training reads the tokenizer from
         # there, so the folder loads with exactly the tokenizer it was trained with.
-        hf_dir = job.out_dir / HF_DIR
-        pretrained_config(arch).save_pretrained(str(hf_dir))
-        HFTokenizer.load(arch.pretrained, arch.revision).save(hf_dir)
+        tok = HFTokenizer.load(arch.pretrained, arch.revision)
+        save_checkpoint_files(arch, job.out_dir / HF_DIR, tok)
         return super().train(arch, training, job)
 
     def tokenizer(self, arch: HFCausalLMArchitecture, job: TrainJob) -> HFTokenizer:
@@ -119,11 +122,11 @@ class HFCausalLMFamily(NeuralLMFamily):
         found = identity(job.model_type, arch, vocab_size, job.init_weights)
         return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
 
+    def lineage(self, arch: HFCausalLMArchitecture) -> dict[str, str]:
+        return checkpoint_lineage(arch)
+
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
         hf_dir = Path(model_dir) / HF_DIR
-        transformers = require_transformers()
-        config = transformers.AutoConfig.from_pretrained(str(hf_dir))
-        hf_model = transformers.AutoModelForCausalLM.from_config(config).float()
-        model = load_weights(HFCausalLM(hf_model), model_dir, device)
+        model = load_weights(HFCausalLM(model_from_folder(hf_dir, AUTO_CLASS)), model_dir, device)
         tok = HFTokenizer.load(hf_dir)
         return NeuralLMPredictor(model, tok, tok.eos_id(), tok.banned_ids())

@@ -8,6 +8,7 @@ weights for the lineage.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,26 @@ class HFTokenizer:
         self.tokenizer, self.end_id = tokenizer, int(end)
 
     @classmethod
-    def load(cls, source: str | Path, revision: str | None = None) -> HFTokenizer:
+    def load(cls, source: str | Path, revision: str | None = None, **options) -> HFTokenizer:
+        """The tokenizer of a checkpoint (folder or hub id); `options` go to from_pretrained
+        (mBART's src_lang/tgt_lang)."""
+        check_checkpoint(str(source), revision)
         auto = require_transformers().AutoTokenizer
-        return cls(auto.from_pretrained(str(source), revision=revision))
+        try:
+            return cls(auto.from_pretrained(str(source), revision=revision, **options))
+        except OSError as exc:  # not found locally and the hub cannot be reached
+            raise not_available(str(source), f"could not be loaded ({exc})") from None
 
     def encode(self, text: str | list[str]) -> list[int] | list[list[int]]:
         """Ids of one text, or of each text of a list (no special tokens added)."""
         if isinstance(text, str):
             return self.tokenizer.encode(text, add_special_tokens=False)
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in text]
+
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        """Ids of target-side texts (Marian has a target vocabulary of its own; mBART's
+        target language), no special tokens added."""
+        return [self.tokenizer(text_target=t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         # No clean-up of spaces: the text should come back as it was encoded.
@@ -162,3 +174,50 @@ def checkpoint_digest(pretrained: str) -> dict[str, str]:
         return {}
     files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     return {p.name: file_sha256(p) for p in files}
+
+
+def save_checkpoint_files(arch: PretrainedArchitecture, hf_dir: Path, tokenizer: HFTokenizer):
+    """The checkpoint's config and tokenizer into a model folder's hf/ (the weights go into
+    model.pt through the trainer), so the folder loads without the original checkpoint."""
+    pretrained_config(arch).save_pretrained(str(hf_dir))
+    tokenizer.save(hf_dir)
+
+
+def model_from_folder(hf_dir: Path, auto_class: str) -> nn.Module:
+    """A model built from a folder's saved config (random weights: model.pt is loaded next)."""
+    transformers = require_transformers()
+    config = transformers.AutoConfig.from_pretrained(str(hf_dir))
+    return getattr(transformers, auto_class).from_config(config).float()
+
+
+def checkpoint_folder(arch: PretrainedArchitecture) -> Path | None:
+    """The local folder of the checkpoint: `pretrained` itself, or the snapshot folder of a hub
+    id in the Hugging Face cache (named by its commit); None when it is not there yet."""
+    local = Path(arch.pretrained).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(arch.pretrained, "config.json", revision=arch.revision)
+    except ValueError:
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def checkpoint_lineage(arch: PretrainedArchitecture) -> dict[str, str]:
+    """Lineage tags of the checkpoint a model was fine-tuned from: its id or folder, the hub
+    commit (the cache's snapshot folder is named by it) and one digest of its weight files."""
+    tags = {"pretrained": arch.pretrained}
+    if arch.revision:
+        tags["pretrained_revision"] = arch.revision
+    folder = checkpoint_folder(arch)
+    if folder is None:
+        return tags
+    if folder.parent.name == "snapshots":
+        tags["pretrained_commit"] = folder.name
+    digests = checkpoint_digest(str(folder))
+    if digests:
+        joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(digests.items()))
+        tags["pretrained_weights_sha256"] = hashlib.sha256(joined.encode()).hexdigest()
+    return tags

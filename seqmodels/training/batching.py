@@ -13,6 +13,8 @@ with zero weight, so every rank still joins the gradient all-reduce.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -79,19 +81,43 @@ def lm_valid_batches(ids: np.ndarray, block: int, batch_size: int) -> list[Batch
 # --- translation models -----------------------------------------------------------------
 
 
-def prepare_pairs(pairs, max_len: int, truncate: bool) -> tuple[list, list]:
-    """src -> src + [EOS]; tgt -> [BOS] + tgt + [EOS]. Over-long pairs are truncated
-    (validation) or skipped (training)."""
+@dataclass(frozen=True)
+class PairFraming:
+    """The ids around a pair's tokens, and the padding id. The defaults are SentencePiece's
+    conventions (src + [EOS]; target [BOS] + tgt + [EOS]); a pretrained checkpoint brings its
+    own (T5: src + </s>, decoder start <pad>; mBART: language codes)."""
+
+    src_prefix: tuple[int, ...] = ()
+    src_suffix: tuple[int, ...] = (EOS_ID,)
+    tgt_prefix: tuple[int, ...] = (BOS_ID,)  # the decoder's start token, then any label prefix
+    tgt_suffix: tuple[int, ...] = (EOS_ID,)
+    pad_id: int = PAD_ID
+
+    def source_room(self, max_len: int) -> int:
+        """Source tokens that fit in max_len positions with the framing."""
+        return max_len - len(self.src_prefix) - len(self.src_suffix)
+
+    def target_room(self, max_len: int) -> int:
+        """Target tokens that fit: the decoder sees tgt_prefix + tgt, predicts the rest."""
+        return max_len - (len(self.tgt_prefix) - 1) - len(self.tgt_suffix)
+
+
+def prepare_pairs(
+    pairs, max_len: int, truncate: bool, framing: PairFraming = PairFraming()
+) -> tuple[list, list]:
+    """Pairs framed (see PairFraming). Over-long pairs are truncated (validation) or skipped
+    (training)."""
     srcs, tgts = [], []
+    src_room, tgt_room = framing.source_room(max_len), framing.target_room(max_len)
     for s, t in pairs:
         s = np.asarray(s, dtype=np.int64)
         t = np.asarray(t, dtype=np.int64)
-        if len(s) + 1 > max_len or len(t) + 1 > max_len:
+        if len(s) > src_room or len(t) > tgt_room:
             if not truncate:
                 continue
-            s, t = s[: max_len - 1], t[: max_len - 1]
-        srcs.append(np.append(s, EOS_ID))
-        tgts.append(np.concatenate([[BOS_ID], t, [EOS_ID]]))
+            s, t = s[:src_room], t[:tgt_room]
+        srcs.append(np.concatenate([framing.src_prefix, s, framing.src_suffix]).astype(np.int64))
+        tgts.append(np.concatenate([framing.tgt_prefix, t, framing.tgt_suffix]).astype(np.int64))
     return srcs, tgts
 
 
@@ -113,16 +139,22 @@ def token_batches(src_lens, tgt_lens, batch_tokens: int, rng) -> list[np.ndarray
     return batches
 
 
-def collate(srcs, tgts, idx: np.ndarray) -> Batch:
+def collate(srcs, tgts, idx: np.ndarray, pad_id: int = PAD_ID) -> Batch:
+    """(src, src_mask, tgt_in, tgt_out): inputs padded with pad_id, targets past the end with
+    IGNORE_TARGET. The mask comes from the lengths, not from pad_id, which a checkpoint may
+    also use as a real token (T5 starts the decoder with <pad>)."""
     S = max(len(srcs[i]) for i in idx)
     T = max(len(tgts[i]) for i in idx) - 1
-    src = np.full((len(idx), S), PAD_ID, dtype=np.int64)
-    tgt = np.full((len(idx), T + 1), PAD_ID, dtype=np.int64)
+    src = np.full((len(idx), S), pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), S), dtype=bool)
+    tgt_in = np.full((len(idx), T), pad_id, dtype=np.int64)
+    tgt_out = np.full((len(idx), T), IGNORE_TARGET, dtype=np.int64)
     for r, i in enumerate(idx):
         src[r, : len(srcs[i])] = srcs[i]
-        tgt[r, : len(tgts[i])] = tgts[i]
-    src_t, tgt_t = torch.from_numpy(src), torch.from_numpy(tgt)
-    return src_t, src_t != PAD_ID, tgt_t[:, :-1], tgt_t[:, 1:]
+        mask[r, : len(srcs[i])] = True
+        tgt_in[r, : len(tgts[i]) - 1] = tgts[i][:-1]
+        tgt_out[r, : len(tgts[i]) - 1] = tgts[i][1:]
+    return tuple(torch.from_numpy(a) for a in (src, mask, tgt_in, tgt_out))
 
 
 class PairBatches:
@@ -133,9 +165,16 @@ class PairBatches:
     """
 
     def __init__(
-        self, srcs, tgts, batch_tokens: int, seed: int, rank: int = 0, world: int = 1
+        self,
+        srcs,
+        tgts,
+        batch_tokens: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        pad_id: int = PAD_ID,
     ) -> None:
-        self.srcs, self.tgts, self.batch_tokens = srcs, tgts, batch_tokens
+        self.srcs, self.tgts, self.batch_tokens, self.pad_id = srcs, tgts, batch_tokens, pad_id
         self.rank, self.world = rank, world
         self.src_lens = np.array([len(s) for s in srcs])
         self.tgt_lens = np.array([len(t) - 1 for t in tgts])
@@ -161,8 +200,8 @@ class PairBatches:
         self.pos += 1
         local = idx[self.rank :: self.world]
         if len(local) == 0:  # fewer sentences than ranks: a zero-weight placeholder
-            return collate(self.srcs, self.tgts, idx[:1]), 0
-        batch = collate(self.srcs, self.tgts, local)
+            return collate(self.srcs, self.tgts, idx[:1], self.pad_id), 0
+        batch = collate(self.srcs, self.tgts, local, self.pad_id)
         self.pad_slots += batch[0].numel() + batch[3].numel()
         self.pad_real += int(self.src_lens[local].sum() + self.tgt_lens[local].sum())
         return batch, int(self.tgt_lens[local].sum())
@@ -187,6 +226,7 @@ class PairBatches:
         self.pos = state["pos"]
 
 
-def pair_valid_batches(v_srcs, v_tgts, batch_tokens: int) -> list[Batch]:
+def pair_valid_batches(v_srcs, v_tgts, batch_tokens: int, pad_id: int = PAD_ID) -> list[Batch]:
     lens = (np.array([len(s) for s in v_srcs]), np.array([len(t) - 1 for t in v_tgts]))
-    return [collate(v_srcs, v_tgts, idx) for idx in token_batches(*lens, batch_tokens, None)]
+    batches = token_batches(*lens, batch_tokens, None)
+    return [collate(v_srcs, v_tgts, idx, pad_id) for idx in batches]

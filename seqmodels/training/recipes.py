@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqmodels import PAD_ID
 from seqmodels.training.batching import (
     IGNORE_TARGET,
     Batch,
     LMBatches,
     PairBatches,
+    PairFraming,
     lm_valid_batches,
     pair_valid_batches,
     prepare_pairs,
@@ -108,11 +108,11 @@ def seq2seq_loss(smoothing: float):
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             tgt_out.flatten(),
-            ignore_index=PAD_ID,
+            ignore_index=IGNORE_TARGET,
             label_smoothing=smoothing if training else 0.0,
             reduction="sum",
         )
-        return loss, int((tgt_out != PAD_ID).sum())
+        return loss, int((tgt_out != IGNORE_TARGET).sum())
 
     return loss_fn
 
@@ -126,20 +126,22 @@ def train_seq2seq_model(
     *,
     model_identity: dict[str, Any],
     max_positions: int | None = None,
+    framing: PairFraming = PairFraming(),
     on_metrics: MetricsCallback | None = None,
     on_progress: ProgressCallback | None = None,
     valid_score_fn: ScoreFn | None = None,
 ) -> TrainResult:
-    """Train a seq2seq model on (src ids, tgt ids) pairs given without bos/eos. Pairs longer
-    than cfg.max_seq_len (or the model's max_positions) are skipped; validation pairs are
-    truncated. Validation loss is the mean unsmoothed NLL per target token (EOS included)."""
+    """Train a seq2seq model on (src ids, tgt ids) pairs given without special tokens (the
+    `framing` adds them). Pairs longer than cfg.max_seq_len (or the model's max_positions)
+    are skipped; validation pairs are truncated. Validation loss is the mean unsmoothed NLL
+    per target token (EOS included)."""
     max_len = cfg.max_seq_len if max_positions is None else min(cfg.max_seq_len, max_positions)
-    srcs, tgts = prepare_pairs(train_pairs, max_len, truncate=False)
+    srcs, tgts = prepare_pairs(train_pairs, max_len, truncate=False, framing=framing)
     if not srcs:
         raise ValueError("no training pairs left after length filtering")
     if len(srcs) < len(train_pairs):
         log.info("skipped %d pairs longer than %d tokens", len(train_pairs) - len(srcs), max_len)
-    v_srcs, v_tgts = prepare_pairs(valid_pairs, max_len, truncate=True)
+    v_srcs, v_tgts = prepare_pairs(valid_pairs, max_len, truncate=True, framing=framing)
     if cfg.valid_max_tokens is not None:
         keep = np.cumsum([len(t) - 1 for t in v_tgts]) <= cfg.valid_max_tokens
         v_srcs = [s for s, k in zip(v_srcs, keep, strict=True) if k]
@@ -149,9 +151,11 @@ def train_seq2seq_model(
     job = FitJob(
         build_model=build_model,
         make_batches=lambda rank, world: PairBatches(
-            srcs, tgts, cfg.batch_tokens, cfg.seed, rank, world
+            srcs, tgts, cfg.batch_tokens, cfg.seed, rank, world, framing.pad_id
         ),
-        valid_batches=pair_valid_batches(v_srcs, v_tgts, cfg.batch_tokens) if v_srcs else [],
+        valid_batches=(
+            pair_valid_batches(v_srcs, v_tgts, cfg.batch_tokens, framing.pad_id) if v_srcs else []
+        ),
         loss_fn=seq2seq_loss(cfg.label_smoothing),
         settings=cfg,
         out_dir=out_dir,

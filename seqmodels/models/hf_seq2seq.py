@@ -1,0 +1,231 @@
+"""Pretrained Hugging Face sequence-to-sequence models (`AutoModelForSeq2SeqLM`: Marian, T5,
+BART, mBART), fine-tuned by the seqmodels trainer on the cleaned pairs with the checkpoint's
+own tokenizer, decoded with the model's `generate` (beam search settings from `evaluation`).
+
+Each checkpoint frames its sequences its own way: Marian and T5 end the source with </s> and
+start the decoder with <pad>; BART wraps the source in <s> ... </s>; mBART adds language codes.
+`pair_framing` reads that framing off the tokenizer (what it adds around a probe text) and the
+config (the decoder start), so the shared batching (seqmodels.training.batching.PairFraming)
+needs no per-checkpoint code. T5's task prefix and mBART's language codes are settings.
+
+The model folder holds, beside model.pt, the checkpoint's config and tokenizer in `hf/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from seqmodels.data.splits import encode_lines
+from seqmodels.models.family import Seq2SeqFamily, TrainJob, identity, load_weights
+from seqmodels.models.huggingface import (
+    HF_DIR,
+    HFTokenizer,
+    PretrainedArchitecture,
+    check_checkpoint,
+    checkpoint_digest,
+    checkpoint_lineage,
+    context_length,
+    load_pretrained,
+    model_from_folder,
+    pretrained_config,
+    save_checkpoint_files,
+)
+from seqmodels.training.batching import PairFraming
+from seqmodels.training.flops import matmul_params, seq2seq_flops_per_token
+from seqmodels.training.settings import Seq2SeqTrainSettings
+
+AUTO_CLASS = "AutoModelForSeq2SeqLM"
+PROBE = "a b c"  # any text the tokenizer splits into ordinary tokens
+
+
+class HFSeq2SeqArchitecture(PretrainedArchitecture):
+    """`pretrained:` an AutoModelForSeq2SeqLM checkpoint (folder or hub id)."""
+
+    # T5 is told its task in the text: "translate German to English: " (put before every
+    # source, in training and decoding alike).
+    source_prefix: str = ""
+    # mBART / NLLB language codes (the tokenizer's src_lang / tgt_lang), e.g. de_DE, en_XX.
+    source_lang: str | None = None
+    target_lang: str | None = None
+
+
+def load_tokenizer(source: str | Path, arch: HFSeq2SeqArchitecture) -> HFTokenizer:
+    languages = {"src_lang": arch.source_lang, "tgt_lang": arch.target_lang}
+    languages = {k: v for k, v in languages.items() if v is not None}
+    revision = arch.revision if str(source) == arch.pretrained else None
+    return HFTokenizer.load(source, revision, **languages)
+
+
+def around(full: list[int], content: list[int], what: str) -> tuple[tuple, tuple]:
+    """(prefix, suffix): the ids `full` has before and after `content`."""
+    for start in range(len(full) - len(content) + 1):
+        if full[start : start + len(content)] == content:
+            return tuple(full[:start]), tuple(full[start + len(content) :])
+    raise ValueError(f"cannot tell the special tokens of the {what}: {full} lacks {content}")
+
+
+def pair_framing(tok: HFTokenizer, decoder_start: int | None) -> PairFraming:
+    """The checkpoint's framing: what its tokenizer adds around a source and a target, and
+    the decoder's start token (config.decoder_start_token_id; mBART-cc25 has none and starts
+    with the target language code, the last token of its labels)."""
+    hf = tok.tokenizer
+    plain = hf(PROBE, add_special_tokens=False)["input_ids"]
+    src_prefix, src_suffix = around(hf(PROBE)["input_ids"], plain, "source")
+    plain = hf(text_target=PROBE, add_special_tokens=False)["input_ids"]
+    label_prefix, label_suffix = around(hf(text_target=PROBE)["input_ids"], plain, "target")
+    if decoder_start is None:
+        if not label_suffix:
+            raise ValueError("the checkpoint sets no decoder_start_token_id")
+        decoder_start = label_suffix[-1]
+    if hf.pad_token_id is None:
+        raise ValueError(f"tokenizer {hf.name_or_path!r} has no pad token")
+    return PairFraming(
+        src_prefix, src_suffix, (int(decoder_start), *label_prefix), label_suffix, hf.pad_token_id
+    )
+
+
+class HFSeq2Seq(nn.Module):
+    """An AutoModelForSeq2SeqLM behind the seqmodels training interface."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    @property
+    def max_positions(self) -> int | None:
+        return context_length(self.hf.config)
+
+    def forward(
+        self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.hf(
+            input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in, use_cache=False
+        )
+        return out.logits
+
+    def flops_per_token(self, src_len: float, tgt_len: float) -> float:
+        """6N with the encoder scaled by the length ratio (attention left out: at the lengths
+        of sentence pairs it is a few per cent)."""
+        encoder = {id(p) for p in self.hf.get_encoder().parameters()}
+        prefixes = tuple(f"{n}" for n, p in self.named_parameters() if id(p) in encoder)
+        enc, other = matmul_params(self, prefixes)
+        return seq2seq_flops_per_token(enc, other, src_len, tgt_len)
+
+
+class HFSeq2SeqPredictor:
+    """Translates (or summarises) with the model's own beam search (`generate`)."""
+
+    default_task = "translate"
+
+    def __init__(self, model: HFSeq2Seq, tok: HFTokenizer, framing: PairFraming, options: dict):
+        self.model, self.sp, self.framing = model, tok, framing
+        self.source_prefix = options.get("source_prefix", "")
+        self.beam_size = int(options.get("beam_size", 5))
+        self.max_len_a = float(options.get("max_len_a", 1.2))
+        self.max_len_b = float(options.get("max_len_b", 10))
+        self.length_penalty = float(options.get("length_penalty", 1.0))
+        self.batch_size = int(options.get("batch_size", 64))
+        self.device = next(model.parameters()).device
+
+    def translate(self, sentences: list[str]) -> list[str]:
+        limit = self.model.max_positions
+        room = self.framing.source_room(limit) if limit else None
+        f = self.framing
+        sources = [
+            [*f.src_prefix, *ids[:room], *f.src_suffix]
+            for ids in self.sp.encode([self.source_prefix + s for s in sentences])
+        ]
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # less padding
+        out = [""] * len(sources)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            for i, text in zip(idx, self.generate_batch([sources[i] for i in idx]), strict=True):
+                out[i] = text
+        return out
+
+    @torch.no_grad()
+    def generate_batch(self, sources: list[list[int]]) -> list[str]:
+        longest = max(len(s) for s in sources)
+        ids = np.full((len(sources), longest), self.framing.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sources), longest), dtype=np.int64)
+        for r, s in enumerate(sources):
+            ids[r, : len(s)], mask[r, : len(s)] = s, 1
+        start, *forced = self.framing.tgt_prefix
+        generated = self.model.hf.generate(
+            input_ids=torch.from_numpy(ids).to(self.device),
+            attention_mask=torch.from_numpy(mask).to(self.device),
+            num_beams=self.beam_size,
+            length_penalty=self.length_penalty,
+            max_new_tokens=int(self.max_len_a * longest + self.max_len_b),
+            decoder_start_token_id=start,
+            forced_bos_token_id=forced[0] if forced else None,
+            early_stopping=True,
+            do_sample=False,
+        )
+        return [self.sp.decode(row.tolist()) for row in generated]
+
+
+class HFSeq2SeqFamily(Seq2SeqFamily):
+    """Fine-tunes a pretrained Hugging Face encoder-decoder with its own tokenizer."""
+
+    Architecture = HFSeq2SeqArchitecture
+
+    def preflight(self, arch: HFSeq2SeqArchitecture) -> None:
+        check_checkpoint(arch.pretrained, arch.revision)
+
+    def build(self, arch: HFSeq2SeqArchitecture, vocab_size: int) -> nn.Module:
+        model = HFSeq2Seq(load_pretrained(arch, AUTO_CLASS))
+        if vocab_size > model.hf.config.vocab_size:
+            raise ValueError(
+                f"{arch.pretrained}: the tokenizer has {vocab_size} tokens, the model "
+                f"only {model.hf.config.vocab_size}"
+            )
+        return model
+
+    def train(
+        self, arch: HFSeq2SeqArchitecture, training: Seq2SeqTrainSettings, job: TrainJob
+    ) -> dict[str, Any]:
+        # Config and tokenizer first: training reads the tokenizer from the folder, so the
+        # folder loads with exactly the tokenizer it was trained with.
+        tok = load_tokenizer(arch.pretrained, arch)
+        save_checkpoint_files(arch, job.out_dir / HF_DIR, tok)
+        return super().train(arch, training, job)
+
+    def tokenizer(self, arch: HFSeq2SeqArchitecture, job: TrainJob) -> HFTokenizer:
+        return load_tokenizer(job.out_dir / HF_DIR, arch)
+
+    def encode_pairs(
+        self, arch: HFSeq2SeqArchitecture, tok: HFTokenizer, rows: dict[str, list[str]]
+    ) -> tuple[list, list]:
+        sources = encode_lines(tok, [arch.source_prefix + s for s in rows["src"]])
+        targets = [np.asarray(ids, dtype=np.int32) for ids in tok.encode_target(rows["tgt"])]
+        return sources, targets
+
+    def framing(self, arch: HFSeq2SeqArchitecture, tok: HFTokenizer) -> PairFraming:
+        return pair_framing(tok, pretrained_config(arch).decoder_start_token_id)
+
+    def max_positions(self, arch: HFSeq2SeqArchitecture) -> int | None:
+        return context_length(pretrained_config(arch))
+
+    def model_identity(
+        self, arch: HFSeq2SeqArchitecture, job: TrainJob, vocab_size: int
+    ) -> dict[str, Any]:
+        # Other weights in the same folder make another run (resume must not mix them).
+        found = identity(job.model_type, arch, vocab_size, job.init_weights)
+        return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
+
+    def lineage(self, arch: HFSeq2SeqArchitecture) -> dict[str, str]:
+        return checkpoint_lineage(arch)
+
+    def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
+        hf_dir = Path(model_dir) / HF_DIR
+        model = load_weights(HFSeq2Seq(model_from_folder(hf_dir, AUTO_CLASS)), model_dir, device)
+        tok = load_tokenizer(hf_dir, arch)
+        framing = pair_framing(tok, model.hf.config.decoder_start_token_id)
+        options = {**decoding, "source_prefix": arch.source_prefix}
+        return HFSeq2SeqPredictor(model, tok, framing, options)
