@@ -152,6 +152,9 @@ def _load_model(model_uri: str, tracking_uri: str, natural_task: str):
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_others
+            info = mlflow.models.get_model_info(model_uri)
+            if "transformers" in info.flavors:
+                return _load_transformers_model(model_uri, info, natural_task)
             model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         reason = getattr(exc, "message", None) or str(exc)
@@ -160,11 +163,51 @@ def _load_model(model_uri: str, tracking_uri: str, natural_task: str):
     # The signature's default `task` is the model's natural one (see tasks/registry.py).
     schema = model.metadata.get_params_schema()
     default = {p.name: p.default for p in schema.params}.get("task") if schema else None
-    if default is not None and default != natural_task:
+    if default is not None:
+        _check_natural_task(model_uri, default, natural_task)
+    return model
+
+
+def _load_transformers_model(model_uri: str, info, natural_task: str):
+    """A fine-tuned Hugging Face model (transformers flavor) behind the seqmodels pyfunc's
+    interface, so that `score` works on it too: its predictor is rebuilt from the logged
+    pipeline's files and the seqmodels metadata logged with them."""
+    import mlflow
+
+    from seqmodels.models.folder import load_exported_predictor
+    from tasks.pyfunc_model import SeqModelPyfunc
+    from tasks.registry import METADATA_KEY, exported_folder
+
+    meta = (info.metadata or {}).get(METADATA_KEY)
+    if meta is None:
+        _fail(f"{model_uri} is a transformers model not logged by seqmodels: no {METADATA_KEY}")
+    kind = "translate" if meta["task"] == "translation" else "generate"
+    _check_natural_task(model_uri, kind, natural_task)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    pyfunc = SeqModelPyfunc()
+    pyfunc.predictor = load_exported_predictor(
+        exported_folder(local, info.flavors["transformers"]), meta
+    )
+    return LoadedPredictor(pyfunc)
+
+
+class LoadedPredictor:
+    """The seqmodels pyfunc's predict on a predictor built here (the same call as a loaded
+    MLflow pyfunc: predict(lines, params=...))."""
+
+    def __init__(self, pyfunc) -> None:
+        self.pyfunc = pyfunc
+
+    def predict(self, lines: list[str], params: dict | None = None) -> list[str]:
+        return self.pyfunc.predict(None, lines, params)
+
+
+def _check_natural_task(model_uri: str, default: str, natural_task: str) -> None:
+    """Exit 2 when the model's natural task is not the command's."""
+    if default != natural_task:
         kind = "translation" if default == "translate" else "language"
         command = "translate" if default == "translate" else "generate or score"
         _fail(f"{model_uri} is a {kind} model: use `seqmodels {command}`")
-    return model
 
 
 def _input_lines(input_file: Path | None) -> Iterator[list[str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -17,12 +18,15 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from seqmodels.config import ExperimentConfig, ModelSpec
 from seqmodels.evaluation.scoring import evaluate_model, metrics_markdown, outputs_record
 from seqmodels.files import atomic_write_text, json_digest
-from seqmodels.models.folder import model_lineage, train_model
+from seqmodels.models.folder import folder_from_export, model_lineage, train_model
 from seqmodels.training.progress import TrainingProgress
+from tasks.registry import METADATA_KEY, exported_folder
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
 
-def training_dir(work_dir: str, model_name: str, spec: ModelSpec, parquet: str, spm: str) -> Path:
+def training_dir(
+    work_dir: str, model_name: str, spec: ModelSpec, parquet: str, spm: str | None
+) -> Path:
     """The same model on the same data always trains in the same folder, so a retry or the
     next run after a crash resumes from its last checkpoint instead of starting over."""
     # Only what the config sets: a new setting with a default must not rename every folder
@@ -83,12 +87,18 @@ def pin_model_uri(client, uri: str, registered_name: str) -> str:
 
 
 def fetch_model_folder(uri: str, dst: Path) -> Path:
-    """The seqmodels model folder logged with a registered version or run (downloaded)."""
+    """The seqmodels model folder of a registered version or run (downloaded; rebuilt from the
+    pipeline's files for a model logged with the transformers flavor)."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     folder = local / "artifacts" / "model_dir"
-    if not folder.is_dir():
-        raise ValueError(f"init_from {uri}: not a seqmodels model (no artifacts/model_dir)")
-    return folder
+    if folder.is_dir():
+        return folder
+    logged = Model.load(str(local))
+    meta = (logged.metadata or {}).get(METADATA_KEY)
+    if "transformers" in logged.flavors and meta is not None:
+        pretrained = exported_folder(local, logged.flavors["transformers"])
+        return folder_from_export(pretrained, meta, Path(dst) / "model_dir")
+    raise ValueError(f"init_from {uri}: not a seqmodels model (no artifacts/model_dir)")
 
 
 @task(name="pin-init-from", timeout_seconds=300)
@@ -128,7 +138,7 @@ def train_model_run(
     task_kind: str,
     decoding: dict,
     parquet: str,
-    spm_model: str,
+    spm_model: str | None,
     work_dir: str,
     tracking_uri: str,
     experiment_id: str,
@@ -138,7 +148,8 @@ def train_model_run(
     init_from: str | None = None,
 ) -> dict:
     """Train `model_name` in an MLflow child run; returns its run id and model folder.
-    `init_from`: a pinned registry or run URI whose weights training starts from."""
+    `spm_model`: the experiment's vocabulary (None when every model brings its own
+    tokenizer); `init_from`: a pinned registry or run URI whose weights training starts from."""
     client = mlflow_client(tracking_uri)
     out_dir = training_dir(work_dir, model_name, spec, parquet, spm_model)
     if init_from is not None:  # the pinned parent is part of the folder's identity
@@ -167,7 +178,7 @@ def train_model_run(
                 spec,
                 task_kind,
                 Path(parquet),
-                Path(spm_model),
+                Path(spm_model) if spm_model else None,
                 out_dir,
                 decoding=decoding,
                 on_metrics=MetricLogger(client, run_id),

@@ -17,11 +17,32 @@ from prefect import task
 from prefect.transactions import get_transaction
 
 import seqmodels
+from seqmodels.models.folder import transformers_export
 from tasks.tracking import mlflow_client
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # The pyfunc needs these at load time; listing them saves MLflow ~5 s of inference per model.
 PIP_REQUIREMENTS = ["torch", "numpy", "sentencepiece", "pyarrow", "pandas"]
+# The transformers flavor's own guess imports every optional backend (torchvision...).
+TRANSFORMERS_REQUIREMENTS = ["transformers<5", "torch", "tokenizers", "sentencepiece"]
+METADATA_KEY = "seqmodels"  # the model's seqmodels.json, logged with a transformers model
+
+
+def _transformers_signature(hf_task: str) -> ModelSignature:
+    """Strings in, strings out; the generation settings a caller may change per request
+    (they go to the pipeline's call, so only its own keyword arguments)."""
+    params = [ParamSpec("max_new_tokens", "long", 60)]
+    if hf_task == "text-generation":
+        params += [
+            ParamSpec("do_sample", "boolean", True),
+            ParamSpec("temperature", "double", 0.8),
+            ParamSpec("top_k", "long", 50),
+        ]
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(params),
+    )
 
 
 def _signature(task_kind: str) -> ModelSignature:
@@ -76,7 +97,8 @@ def register_model_version(
     lineage: dict[str, str],
     parquet: str,
 ) -> dict:
-    """Log the model as a pyfunc and register it as a new version with its lineage tags."""
+    """Log the model (the seqmodels pyfunc, or MLflow's transformers flavor for a fine-tuned
+    Hugging Face model) and register it as a new version with its lineage tags."""
     client = mlflow_client(tracking_uri)
     run_id = trained["run_id"]
     existing = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
@@ -85,29 +107,69 @@ def register_model_version(
         return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
     _log_dataset_input(client, run_id, parquet, lineage.get("data_sha256", ""))
     example = ["Ein Mann fährt Fahrrad."] if task_kind == "translation" else ["ROMEO:"]
+    exported = transformers_export(Path(trained["model_dir"]))
+    with mlflow.start_run(run_id=run_id):
+        if exported is not None:
+            info = _log_transformers_model(exported, example, registered_name)
+        else:
+            info = _log_pyfunc_model(trained["model_dir"], task_kind, example, registered_name)
+    version = str(info.registered_model_version)
+    get_transaction().set("registered", (tracking_uri, registered_name, version))
+    for key, value in {**lineage, "model_name": model_name, "mlflow_run_id": run_id}.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
+
+
+def _log_pyfunc_model(model_dir: str, task_kind: str, example: list[str], registered_name: str):
+    """The seqmodels pyfunc (tasks/pyfunc_model.py) with the model folder as its artifact."""
     # The logged model needs the weights, config and vocabulary, not the training state:
     # checkpoints (optimizer state included) would triple its size.
-    staging = tempfile.TemporaryDirectory()
-    model_dir = Path(staging.name) / "model_dir"
-    shutil.copytree(
-        trained["model_dir"], model_dir, ignore=shutil.ignore_patterns("checkpoints", "evaluation")
-    )
-    with staging, mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
+    with tempfile.TemporaryDirectory() as staging:
+        folder = Path(staging) / "model_dir"
+        ignore = shutil.ignore_patterns("checkpoints", "evaluation")
+        shutil.copytree(model_dir, folder, ignore=ignore)
+        return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={"model_dir": str(model_dir)},
+            artifacts={"model_dir": str(folder)},
             code_paths=[str(Path(seqmodels.__file__).parent)],
             pip_requirements=PIP_REQUIREMENTS,
             signature=_signature(task_kind),
             input_example=example,
             registered_model_name=registered_name,
         )
-    version = str(info.registered_model_version)
-    get_transaction().set("registered", (tracking_uri, registered_name, version))
-    for key, value in {**lineage, "model_name": model_name, "mlflow_run_id": run_id}.items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
+
+
+def _log_transformers_model(exported, example: list[str], registered_name: str):
+    """A fine-tuned Hugging Face model with MLflow's transformers flavor: loads back as a
+    Hugging Face pipeline (mlflow.transformers.load_model) and serves as a pyfunc. The
+    seqmodels metadata lets `seqmodels translate|generate|score` rebuild its predictor."""
+    hf_task, pipeline, meta = exported
+    return mlflow.transformers.log_model(
+        pipeline,
+        name="model",
+        task=hf_task,
+        signature=_transformers_signature(hf_task),
+        input_example=example,
+        pip_requirements=TRANSFORMERS_REQUIREMENTS,
+        metadata={METADATA_KEY: meta},
+        registered_model_name=registered_name,
+    )
+
+
+def exported_folder(local: Path, flavor: dict) -> Path:
+    """One save_pretrained folder (links to the model's and its tokenizer's files) from a
+    downloaded transformers-flavor model, which keeps them apart (model/, components/...)."""
+    merged = Path(local) / "pretrained"
+    merged.mkdir(exist_ok=True)
+    parts = [flavor.get("model_binary", "model")]
+    parts += [f"components/{name}" for name in flavor.get("components", [])]
+    for part in parts:
+        for path in (Path(local) / part).iterdir():
+            link = merged / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+    return merged
 
 
 @register_model_version.on_rollback

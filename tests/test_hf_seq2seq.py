@@ -20,7 +20,6 @@ from seqmodels.data.vocab import train_sentencepiece  # noqa: E402
 from seqmodels.evaluation.metrics import translation_metrics  # noqa: E402
 from seqmodels.models import get_family  # noqa: E402
 from seqmodels.models.folder import load_predictor, model_lineage, train_model  # noqa: E402
-from seqmodels.models.hf_seq2seq import load_tokenizer  # noqa: E402
 from seqmodels.training.checkpoint import list_checkpoints  # noqa: E402
 from tests.hf_checkpoints import make_tiny_marian, make_tiny_t5  # noqa: E402
 
@@ -106,7 +105,7 @@ def fine_tune(model_spec, corpus, out_dir: Path, **hooks) -> tuple[dict, list[fl
 def test_each_checkpoint_frames_its_sequences_its_own_way(tiny_marian, tiny_t5):
     family = get_family("hf_seq2seq")
     marian = spec(tiny_marian).architecture
-    tok = load_tokenizer(tiny_marian, marian)
+    tok = family.load_tokenizer(tiny_marian, marian)
     framing = family.framing(marian, tok)
     eos, pad = tok.tokenizer.eos_token_id, tok.tokenizer.pad_token_id
     assert (eos, pad) == (0, len(tok.tokenizer) - 1)  # opus-mt's: </s> is 0, <pad> the last
@@ -115,7 +114,7 @@ def test_each_checkpoint_frames_its_sequences_its_own_way(tiny_marian, tiny_t5):
     assert framing.pad_id == pad
 
     t5 = spec(tiny_t5).architecture
-    framing = family.framing(t5, load_tokenizer(tiny_t5, t5))
+    framing = family.framing(t5, family.load_tokenizer(tiny_t5, t5))
     assert framing.src_suffix == (1,) and framing.tgt_prefix == (0,) and framing.pad_id == 0
 
 
@@ -139,7 +138,7 @@ def test_a_t5_task_prefix_goes_before_every_source(tiny_t5, corpus, tmp_path):
     prefix = "translate German to English: "
     model_spec = spec(tiny_t5, {"source_prefix": prefix}, max_steps=6)
     family = get_family("hf_seq2seq")
-    tok = load_tokenizer(tiny_t5, model_spec.architecture)
+    tok = family.load_tokenizer(tiny_t5, model_spec.architecture)
     sources, targets = family.encode_pairs(
         model_spec.architecture, tok, {"src": ["ein hund"], "tgt": ["a dog"]}
     )

@@ -19,6 +19,7 @@ from seqmodels.data.vocab import train_sentencepiece
 from seqmodels.models import FAMILIES, LANGUAGE_MODEL
 from seqmodels.models.folder import META_FILE, load_predictor, train_model
 from tests.conftest import REPO
+from tests.hf_checkpoints import make_tiny_marian
 from tests.model_helpers import make_tiny_gpt2
 
 LEGACY = REPO / "tests" / "fixtures" / "legacy_models"
@@ -108,7 +109,13 @@ def tiny_pretrained(tiny_corpora, tmp_path_factory) -> dict[str, Path]:
     """Tiny random checkpoints (save_pretrained layout) for the families that fine-tune one."""
     pytest.importorskip("transformers", reason="the hf extra is not installed")
     lines = read_split(tiny_corpora["language_model"][0], "train", ["text"])["text"]
-    return {"hf_causal_lm": make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), lines)}
+    pairs = read_split(tiny_corpora["translation"][0], "train", ["src", "tgt"])
+    return {
+        "hf_causal_lm": make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), lines),
+        "hf_seq2seq": make_tiny_marian(
+            tmp_path_factory.mktemp("marian"), pairs["src"] + pairs["tgt"]
+        ),
+    }
 
 
 SMALL = {

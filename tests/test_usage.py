@@ -3,16 +3,7 @@ serve`, against a real MLflow SQLite registry holding tiny but real models."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -41,6 +32,7 @@ from seqmodels.models.folder import train_model
 from tasks.modeling import fetch_model_folder, pin_model_uri, train_model_run
 from tasks.registry import register_model_version
 from tasks.tracking import MetricLogger, experiment_id, mlflow_client
+from tests.serving import serve_and_predict
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -297,57 +289,12 @@ def test_compare_of_an_unknown_model_is_a_clear_error(registry):
     assert result.exit_code == 2 and "no-such-model" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_translates_over_http(registry, tmp_path):
-    port = _free_port()
-    # The server runs `uvicorn` from PATH: the venv's bin folder must be on it.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry, "PATH": path}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mt-test@champion"]
-    cmd += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    log = open(tmp_path / "serve.log", "w")
-    # Its own process group: the server forks workers, and all of them must go at the end.
-    server = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not ready after 120 s"
-            time.sleep(0.5)
-        body = {"inputs": ["Ein Mann läuft.", "Ein Hund spielt."], "params": {"task": "translate"}}
-        request = urllib.request.Request(
-            f"{base}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            predictions = json.loads(reply.read())["predictions"]
-        mlflow.set_tracking_uri(registry)
-        expected = mlflow.pyfunc.load_model("models:/mt-test@champion").predict(body["inputs"])
-        assert predictions == expected and all(predictions)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have exited already
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+    body = {"inputs": ["Ein Mann läuft.", "Ein Hund spielt."], "params": {"task": "translate"}}
+    predictions = serve_and_predict(registry, "models:/mt-test@champion", body, tmp_path)
+    mlflow.set_tracking_uri(registry)
+    expected = mlflow.pyfunc.load_model("models:/mt-test@champion").predict(body["inputs"])
+    assert predictions == expected and all(predictions)
 
 
 def test_a_training_continues_from_a_registered_version(registry, tmp_path):

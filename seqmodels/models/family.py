@@ -48,7 +48,7 @@ class TrainJob:
 
     model_type: str  # the registry name, recorded with the checkpoints
     parquet: Path
-    spm_model: Path
+    spm_model: Path | None  # None when the family brings its own tokenizer
     out_dir: Path
     on_metrics: MetricsCallback | None = None
     on_progress: ProgressCallback | None = None
@@ -62,6 +62,13 @@ class ModelFamily:
     Architecture: ClassVar[type[Settings]]
     Training: ClassVar[type[Settings]]
     warm_start: ClassVar[bool] = False  # can training start from another model's weights
+    # A Hugging Face pipeline task ("text-generation", "translation", "fill-mask") when the
+    # family's models are registered with MLflow's transformers flavor; None: the seqmodels
+    # pyfunc. Such a family also has `transformers_pipeline` and `load_exported`.
+    transformers_task: ClassVar[str | None] = None
+    # The model brings its tokenizer (a pretrained checkpoint's): the experiment's
+    # SentencePiece model is not used, and the vocab stage is skipped when no model needs it.
+    own_tokenizer: ClassVar[bool] = False
 
     def preflight(self, arch: Any) -> None:
         """Checks of what lies outside the config (installed packages, a checkpoint to start
@@ -81,6 +88,29 @@ class ModelFamily:
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
         """A predictor (seqmodels.inference.predictors) for a trained folder."""
         raise NotImplementedError
+
+    def vocabulary_digest(self, arch: Any, spm_model: Path | None) -> str:
+        """Digest of the vocabulary a new model of `arch` trains with (a warm start needs the
+        same one as its parent's)."""
+        return file_sha256(spm_model)
+
+    def folder_vocabulary_digest(self, model_dir: Path) -> str:
+        """Digest of the vocabulary of a trained folder (see vocabulary_digest)."""
+        return file_sha256(Path(model_dir) / "spm.model")
+
+    def unpack_exported(self, folder: Path, arch: Any, out_dir: Path) -> None:
+        """Write a model folder's weights and tokenizer (not its seqmodels.json) from a model
+        exported by transformers_pipeline, so it can seed a warm start."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
+
+    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+        """A Hugging Face pipeline of a trained folder, decoding settings included."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
+
+    def load_exported(self, folder: Path, arch: Any, decoding: dict, device: str = "auto"):
+        """A predictor of a model saved as a Hugging Face pipeline (save_pretrained layout:
+        the transformers flavor's components)."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
 
 
 def load_state(model: nn.Module, weights: Path) -> nn.Module:

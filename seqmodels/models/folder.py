@@ -2,7 +2,7 @@
 
     seqmodels.json   {"format": 2, "type", "task", "architecture", "decoding"}: written
                      last, so a folder without it is an unfinished model
-    spm.model        the SentencePiece vocabulary
+    spm.model        the SentencePiece vocabulary (families with their own tokenizer: hf/)
     model.pt | ngram.npz   the weights (the family decides which)
 
 Folders written before format 2 have no "architecture" in seqmodels.json; their settings are
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from seqmodels.files import atomic_write_text, file_sha256, load_sentencepiece
+from seqmodels.files import atomic_write_text, load_sentencepiece
 from seqmodels.models import get_family
 from seqmodels.models.family import WEIGHTS_FILE, TrainJob
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback
@@ -40,7 +40,7 @@ def train_model(
     spec: ModelSpecLike,
     task: str,
     parquet: Path,
-    spm_model: Path,
+    spm_model: Path | None,
     out_dir: Path,
     decoding: dict[str, Any] | None = None,
     *,
@@ -50,25 +50,29 @@ def train_model(
 ) -> dict[str, Any]:
     """Train one model of an experiment into `out_dir` (train split; valid for validation).
 
-    `init_from`: a finished model folder whose weights training starts from; it must hold
-    the same type and architecture, and the same vocabulary as `spm_model`.
+    `spm_model`: the experiment's SentencePiece model (None for a family that brings its own
+    tokenizer). `init_from`: a finished model folder whose weights training starts from; it
+    must hold the same type and architecture, and the same vocabulary.
     Returns the family's summary (parameters, steps, time, tokens/s, device, vocab size...).
     """
     family = get_family(spec.type)
+    if spm_model is None and not family.own_tokenizer:
+        raise ValueError(f"a {spec.type} model needs the experiment's SentencePiece model")
     init_weights = None
     if init_from is not None:
-        init_weights = check_warm_start(Path(init_from), spec, Path(spm_model))
+        init_weights = check_warm_start(Path(init_from), spec, spm_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # unfinished until written again
-    shutil.copyfile(spm_model, out_dir / "spm.model")
+    if not family.own_tokenizer:
+        shutil.copyfile(spm_model, out_dir / "spm.model")
     started = time.perf_counter()
-    job = TrainJob(spec.type, Path(parquet), Path(spm_model), out_dir, on_metrics, on_progress)
+    job = TrainJob(spec.type, Path(parquet), spm_model, out_dir, on_metrics, on_progress)
     job.init_weights = init_weights
     summary = family.train(spec.architecture, spec.training, job)
     summary.setdefault("train_time_s", time.perf_counter() - started)
-    # A family with its own tokenizer reports its vocabulary; the others use spm_model's.
-    summary.setdefault("vocab_size", load_sentencepiece(spm_model).vocab_size())
+    if "vocab_size" not in summary:  # a family with its own tokenizer reports its own
+        summary["vocab_size"] = load_sentencepiece(spm_model).vocab_size()
     meta = {
         "format": FORMAT,
         "type": spec.type,
@@ -85,7 +89,7 @@ def model_lineage(spec: ModelSpecLike) -> dict[str, str]:
     return get_family(spec.type).lineage(spec.architecture)
 
 
-def check_warm_start(init_from: Path, spec: ModelSpecLike, spm_model: Path) -> Path:
+def check_warm_start(init_from: Path, spec: ModelSpecLike, spm_model: Path | None) -> Path:
     """The weights file of `init_from` if its model can seed `spec`; a ValueError naming both
     when the type, the architecture or the vocabulary differs."""
     if not get_family(spec.type).warm_start:
@@ -99,11 +103,17 @@ def check_warm_start(init_from: Path, spec: ModelSpecLike, spm_model: Path) -> P
             f"init_from {init_from} holds a {meta['type']} model with architecture {theirs}; "
             f"this model is a {spec.type} with architecture {ours}: they must match"
         )
-    vocab = init_from / "spm.model"
-    if file_sha256(vocab) != file_sha256(spm_model):
+    family = get_family(spec.type)
+    if family.folder_vocabulary_digest(init_from) != family.vocabulary_digest(
+        spec.architecture, spm_model
+    ):
+        if family.own_tokenizer:
+            theirs, ours = init_from / "hf", f"{spec.architecture.pretrained}'s tokenizer"
+        else:
+            theirs, ours = init_from / "spm.model", spm_model
         raise ValueError(
-            f"init_from {init_from} was trained with the vocabulary {vocab}, which differs from "
-            f"this experiment's {spm_model}: a warm start needs the same vocabulary"
+            f"init_from {init_from} was trained with the vocabulary {theirs}, which differs from "
+            f"this experiment's {ours}: a warm start needs the same vocabulary"
         )
     weights = init_from / WEIGHTS_FILE
     if not weights.is_file():
@@ -127,12 +137,45 @@ def read_model_meta(model_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def family_and_architecture(meta: dict[str, Any], where: Path):
+    """The family of a folder's metadata and its validated architecture."""
+    family = get_family(meta["type"])
+    try:
+        return family, family.Architecture.model_validate(meta["architecture"])
+    except ValueError as exc:
+        raise ValueError(f"{where}: invalid architecture: {exc}") from None
+
+
 def load_predictor(model_dir: Path, device: str = "auto"):
     """The predictor (seqmodels.inference.predictors) of a finished model folder."""
     meta = read_model_meta(model_dir)
-    family = get_family(meta["type"])
-    try:
-        arch = family.Architecture.model_validate(meta["architecture"])
-    except ValueError as exc:
-        raise ValueError(f"{Path(model_dir) / META_FILE}: invalid architecture: {exc}") from None
+    family, arch = family_and_architecture(meta, Path(model_dir) / META_FILE)
     return family.load(Path(model_dir), arch, meta.get("decoding", {}), device)
+
+
+def transformers_export(model_dir: Path) -> tuple[str, Any, dict[str, Any]] | None:
+    """(task, pipeline, metadata) of a finished folder whose family is registered with
+    MLflow's transformers flavor; None for the others (they use the seqmodels pyfunc)."""
+    meta = read_model_meta(model_dir)
+    family, arch = family_and_architecture(meta, Path(model_dir) / META_FILE)
+    if family.transformers_task is None:
+        return None
+    pipeline = family.transformers_pipeline(Path(model_dir), arch, meta.get("decoding", {}))
+    return family.transformers_task, pipeline, meta
+
+
+def folder_from_export(folder: Path, meta: dict[str, Any], out_dir: Path) -> Path:
+    """A model folder rebuilt from a model exported by `transformers_export` (the weights and
+    tokenizer of its save_pretrained `folder`, the metadata logged with it), so that a
+    registered Hugging Face model seeds a warm start like any other."""
+    family, arch = family_and_architecture(meta, Path(folder))
+    family.unpack_exported(Path(folder), arch, Path(out_dir))
+    atomic_write_text(Path(out_dir) / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_exported_predictor(folder: Path, meta: dict[str, Any], device: str = "auto"):
+    """The predictor of a model exported by `transformers_export` (its pipeline's
+    save_pretrained folder and the metadata logged with it)."""
+    family, arch = family_and_architecture(meta, Path(folder))
+    return family.load_exported(Path(folder), arch, meta.get("decoding", {}), device)

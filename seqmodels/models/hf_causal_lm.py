@@ -20,24 +20,18 @@ import torch
 import torch.nn as nn
 
 from seqmodels.inference.predictors import NeuralLMPredictor
-from seqmodels.models.family import NeuralLMFamily, TrainJob, identity, load_weights
+from seqmodels.models.family import NeuralLMFamily, TrainJob
 from seqmodels.models.huggingface import (
     HF_DIR,
     HFTokenizer,
     PretrainedArchitecture,
-    check_checkpoint,
-    checkpoint_digest,
-    checkpoint_lineage,
+    PretrainedFamily,
     context_length,
-    load_pretrained,
-    model_from_folder,
+    hf_pipeline,
     pretrained_config,
-    save_checkpoint_files,
 )
 from seqmodels.training.flops import matmul_params
 from seqmodels.training.settings import LMTrainSettings
-
-AUTO_CLASS = "AutoModelForCausalLM"
 
 
 class HFCausalLMArchitecture(PretrainedArchitecture):
@@ -80,34 +74,25 @@ class HFCausalLM(nn.Module):
         return 6.0 * (enc + other) + 12.0 * config.num_hidden_layers * config.hidden_size * context
 
 
-class HFCausalLMFamily(NeuralLMFamily):
+class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
     """Fine-tunes a pretrained Hugging Face causal LM with its own tokenizer."""
 
     Architecture = HFCausalLMArchitecture
-
-    def preflight(self, arch: HFCausalLMArchitecture) -> None:
-        check_checkpoint(arch.pretrained, arch.revision)
+    transformers_task = "text-generation"
+    auto_class = "AutoModelForCausalLM"
+    wrapper = HFCausalLM
 
     def build(self, arch: HFCausalLMArchitecture, vocab_size: int) -> nn.Module:
-        model = HFCausalLM(load_pretrained(arch, AUTO_CLASS))
-        if vocab_size > model.hf.config.vocab_size:
-            raise ValueError(
-                f"{arch.pretrained}: the tokenizer has {vocab_size} tokens, the model "
-                f"only {model.hf.config.vocab_size}"
-            )
-        return model
+        return self.build_pretrained(arch, vocab_size)
 
     def train(
         self, arch: HFCausalLMArchitecture, training: LMTrainSettings, job: TrainJob
     ) -> dict[str, Any]:
-        # Config and tokenizer go into the folder first: training reads the tokenizer from
-        # there, so the folder loads with exactly the tokenizer it was trained with.
-        tok = HFTokenizer.load(arch.pretrained, arch.revision)
-        save_checkpoint_files(arch, job.out_dir / HF_DIR, tok)
+        self.save_checkpoint_files(arch, job.out_dir)
         return super().train(arch, training, job)
 
     def tokenizer(self, arch: HFCausalLMArchitecture, job: TrainJob) -> HFTokenizer:
-        return HFTokenizer.load(job.out_dir / HF_DIR)
+        return self.load_tokenizer(job.out_dir / HF_DIR, arch)
 
     def end_of_line_id(self, tokenizer: HFTokenizer) -> int:
         return tokenizer.eos_id()
@@ -115,18 +100,16 @@ class HFCausalLMFamily(NeuralLMFamily):
     def max_context(self, arch: HFCausalLMArchitecture) -> int | None:
         return context_length(pretrained_config(arch))
 
-    def model_identity(
-        self, arch: HFCausalLMArchitecture, job: TrainJob, vocab_size: int
-    ) -> dict[str, Any]:
-        # Other weights in the same folder make another run (resume must not mix them).
-        found = identity(job.model_type, arch, vocab_size, job.init_weights)
-        return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
-
-    def lineage(self, arch: HFCausalLMArchitecture) -> dict[str, str]:
-        return checkpoint_lineage(arch)
-
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
-        hf_dir = Path(model_dir) / HF_DIR
-        model = load_weights(HFCausalLM(model_from_folder(hf_dir, AUTO_CLASS)), model_dir, device)
-        tok = HFTokenizer.load(hf_dir)
+        model = self.folder_model(model_dir, device)
+        return self.predictor(model, HFTokenizer.load(Path(model_dir) / HF_DIR))
+
+    def load_exported(self, folder: Path, arch: Any, decoding: dict, device: str = "auto"):
+        return self.predictor(self.exported_model(folder, device), HFTokenizer.load(folder))
+
+    def predictor(self, model: HFCausalLM, tok: HFTokenizer) -> NeuralLMPredictor:
         return NeuralLMPredictor(model, tok, tok.eos_id(), tok.banned_ids())
+
+    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+        predictor = self.load(model_dir, arch, decoding, device="cpu")
+        return hf_pipeline(self.transformers_task, predictor.model.hf, predictor.sp)

@@ -21,26 +21,22 @@ import torch
 import torch.nn as nn
 
 from seqmodels.data.splits import encode_lines
-from seqmodels.models.family import Seq2SeqFamily, TrainJob, identity, load_weights
+from seqmodels.models.family import Seq2SeqFamily, TrainJob
 from seqmodels.models.huggingface import (
     HF_DIR,
     HFTokenizer,
     PretrainedArchitecture,
-    check_checkpoint,
-    checkpoint_digest,
-    checkpoint_lineage,
+    PretrainedFamily,
     context_length,
-    load_pretrained,
-    model_from_folder,
+    hf_pipeline,
     pretrained_config,
-    save_checkpoint_files,
 )
 from seqmodels.training.batching import PairFraming
 from seqmodels.training.flops import matmul_params, seq2seq_flops_per_token
 from seqmodels.training.settings import Seq2SeqTrainSettings
 
-AUTO_CLASS = "AutoModelForSeq2SeqLM"
 PROBE = "a b c"  # any text the tokenizer splits into ordinary tokens
+LONG_SOURCE = 100  # source tokens the exported pipeline's output budget is sized for
 
 
 class HFSeq2SeqArchitecture(PretrainedArchitecture):
@@ -52,13 +48,6 @@ class HFSeq2SeqArchitecture(PretrainedArchitecture):
     # mBART / NLLB language codes (the tokenizer's src_lang / tgt_lang), e.g. de_DE, en_XX.
     source_lang: str | None = None
     target_lang: str | None = None
-
-
-def load_tokenizer(source: str | Path, arch: HFSeq2SeqArchitecture) -> HFTokenizer:
-    languages = {"src_lang": arch.source_lang, "tgt_lang": arch.target_lang}
-    languages = {k: v for k, v in languages.items() if v is not None}
-    revision = arch.revision if str(source) == arch.pretrained else None
-    return HFTokenizer.load(source, revision, **languages)
 
 
 def around(full: list[int], content: list[int], what: str) -> tuple[tuple, tuple]:
@@ -170,34 +159,31 @@ class HFSeq2SeqPredictor:
         return [self.sp.decode(row.tolist()) for row in generated]
 
 
-class HFSeq2SeqFamily(Seq2SeqFamily):
+class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
     """Fine-tunes a pretrained Hugging Face encoder-decoder with its own tokenizer."""
 
     Architecture = HFSeq2SeqArchitecture
+    transformers_task = "translation"
+    auto_class = "AutoModelForSeq2SeqLM"
+    wrapper = HFSeq2Seq
 
-    def preflight(self, arch: HFSeq2SeqArchitecture) -> None:
-        check_checkpoint(arch.pretrained, arch.revision)
+    def load_tokenizer(self, source: str | Path, arch: HFSeq2SeqArchitecture) -> HFTokenizer:
+        languages = {"src_lang": arch.source_lang, "tgt_lang": arch.target_lang}
+        languages = {k: v for k, v in languages.items() if v is not None}
+        revision = arch.revision if str(source) == arch.pretrained else None
+        return HFTokenizer.load(source, revision, **languages)
 
     def build(self, arch: HFSeq2SeqArchitecture, vocab_size: int) -> nn.Module:
-        model = HFSeq2Seq(load_pretrained(arch, AUTO_CLASS))
-        if vocab_size > model.hf.config.vocab_size:
-            raise ValueError(
-                f"{arch.pretrained}: the tokenizer has {vocab_size} tokens, the model "
-                f"only {model.hf.config.vocab_size}"
-            )
-        return model
+        return self.build_pretrained(arch, vocab_size)
 
     def train(
         self, arch: HFSeq2SeqArchitecture, training: Seq2SeqTrainSettings, job: TrainJob
     ) -> dict[str, Any]:
-        # Config and tokenizer first: training reads the tokenizer from the folder, so the
-        # folder loads with exactly the tokenizer it was trained with.
-        tok = load_tokenizer(arch.pretrained, arch)
-        save_checkpoint_files(arch, job.out_dir / HF_DIR, tok)
+        self.save_checkpoint_files(arch, job.out_dir)
         return super().train(arch, training, job)
 
     def tokenizer(self, arch: HFSeq2SeqArchitecture, job: TrainJob) -> HFTokenizer:
-        return load_tokenizer(job.out_dir / HF_DIR, arch)
+        return self.load_tokenizer(job.out_dir / HF_DIR, arch)
 
     def encode_pairs(
         self, arch: HFSeq2SeqArchitecture, tok: HFTokenizer, rows: dict[str, list[str]]
@@ -212,20 +198,42 @@ class HFSeq2SeqFamily(Seq2SeqFamily):
     def max_positions(self, arch: HFSeq2SeqArchitecture) -> int | None:
         return context_length(pretrained_config(arch))
 
-    def model_identity(
-        self, arch: HFSeq2SeqArchitecture, job: TrainJob, vocab_size: int
-    ) -> dict[str, Any]:
-        # Other weights in the same folder make another run (resume must not mix them).
-        found = identity(job.model_type, arch, vocab_size, job.init_weights)
-        return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
-
-    def lineage(self, arch: HFSeq2SeqArchitecture) -> dict[str, str]:
-        return checkpoint_lineage(arch)
-
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
-        hf_dir = Path(model_dir) / HF_DIR
-        model = load_weights(HFSeq2Seq(model_from_folder(hf_dir, AUTO_CLASS)), model_dir, device)
-        tok = load_tokenizer(hf_dir, arch)
+        model = self.folder_model(model_dir, device)
+        return self.predictor(
+            model, self.load_tokenizer(Path(model_dir) / HF_DIR, arch), arch, decoding
+        )
+
+    def load_exported(self, folder: Path, arch: Any, decoding: dict, device: str = "auto"):
+        model = self.exported_model(folder, device)
+        return self.predictor(model, self.load_tokenizer(folder, arch), arch, decoding)
+
+    def predictor(
+        self, model: HFSeq2Seq, tok: HFTokenizer, arch: HFSeq2SeqArchitecture, decoding: dict
+    ) -> HFSeq2SeqPredictor:
         framing = pair_framing(tok, model.hf.config.decoder_start_token_id)
         options = {**decoding, "source_prefix": arch.source_prefix}
         return HFSeq2SeqPredictor(model, tok, framing, options)
+
+    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+        """The translation pipeline, with the decoding settings seqmodels evaluates with as the
+        model's generation defaults and T5's task prefix as the config's `prefix` (which the
+        pipeline puts before every input)."""
+        predictor = self.load(model_dir, arch, decoding, device="cpu")
+        hf_model = predictor.model.hf
+        hf_model.config.prefix = arch.source_prefix or None
+        start, *forced = predictor.framing.tgt_prefix
+        settings = {
+            "num_beams": predictor.beam_size,
+            "length_penalty": predictor.length_penalty,
+            "decoder_start_token_id": start,
+            "forced_bos_token_id": forced[0] if forced else None,
+            # A pipeline has one output budget for every input: that of a long sentence.
+            "max_new_tokens": int(predictor.max_len_a * LONG_SOURCE + predictor.max_len_b),
+            "early_stopping": True,
+        }
+        for key, value in settings.items():
+            setattr(hf_model.generation_config, key, value)
+        # max_new_tokens governs; the pipeline still reads max_length (to warn on long inputs).
+        hf_model.generation_config.max_length = context_length(hf_model.config) or 512
+        return hf_pipeline(self.transformers_task, hf_model, predictor.sp)

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 from pydantic import model_validator
 
-from seqmodels.files import file_sha256
+from seqmodels.files import atomic_path, file_sha256, json_digest
+from seqmodels.models.family import identity, load_weights
 from seqmodels.settings import Settings
+from seqmodels.training.trainer import resolve_device
 
 HF_DIR = "hf"  # the model folder's copy of the checkpoint's config and tokenizer
 INSTALL_HINT = "install the hf extra: pip install 'seqmodels[hf]'"
@@ -140,6 +145,10 @@ class HFTokenizer:
     def save(self, folder: Path) -> None:
         self.tokenizer.save_pretrained(str(folder))
 
+    def digest(self) -> str:
+        """Of the token -> id table: two tokenizers with the same one encode alike."""
+        return json_digest(sorted(self.tokenizer.get_vocab().items()))
+
 
 def context_length(config: Any) -> int | None:
     """Positions the model has (GPT-2 names them n_positions, most others
@@ -174,13 +183,6 @@ def checkpoint_digest(pretrained: str) -> dict[str, str]:
         return {}
     files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     return {p.name: file_sha256(p) for p in files}
-
-
-def save_checkpoint_files(arch: PretrainedArchitecture, hf_dir: Path, tokenizer: HFTokenizer):
-    """The checkpoint's config and tokenizer into a model folder's hf/ (the weights go into
-    model.pt through the trainer), so the folder loads without the original checkpoint."""
-    pretrained_config(arch).save_pretrained(str(hf_dir))
-    tokenizer.save(hf_dir)
 
 
 def model_from_folder(hf_dir: Path, auto_class: str) -> nn.Module:
@@ -221,3 +223,89 @@ def checkpoint_lineage(arch: PretrainedArchitecture) -> dict[str, str]:
         joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(digests.items()))
         tags["pretrained_weights_sha256"] = hashlib.sha256(joined.encode()).hexdigest()
     return tags
+
+
+def hf_pipeline(task: str, model: nn.Module, tokenizer: HFTokenizer) -> Any:
+    """A Hugging Face pipeline over a fine-tuned model (on the CPU: it is for logging)."""
+    model = model.to("cpu").eval()
+    return require_transformers().pipeline(
+        task, model=model, tokenizer=tokenizer.tokenizer, device="cpu"
+    )
+
+
+def pretrained_model(folder: Path, auto_class: str) -> nn.Module:
+    """A model with its weights from a save_pretrained folder, in float32."""
+    return getattr(require_transformers(), auto_class).from_pretrained(str(folder)).float()
+
+
+def unpack_pretrained(folder: Path, out_dir: Path, wrapped: nn.Module) -> None:
+    """A model folder's hf/ (config and tokenizer files of the save_pretrained `folder`) and
+    model.pt (the state of `wrapped`, the family's module around the folder's model)."""
+    hf_dir = Path(out_dir) / HF_DIR
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(path, hf_dir / path.name)
+    with atomic_path(Path(out_dir) / "model.pt") as tmp:
+        torch.save(wrapped.state_dict(), tmp)
+
+
+class PretrainedFamily:
+    """What every pretrained Hugging Face family shares, mixed in before its ModelFamily base:
+    `class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily)`. The family names its Auto
+    class and the module that wraps the Hugging Face model in the seqmodels interface."""
+
+    own_tokenizer = True
+    auto_class: ClassVar[str]  # "AutoModelForCausalLM", ...
+    wrapper: ClassVar[Callable[[nn.Module], nn.Module]]
+
+    def load_tokenizer(self, source: str | Path, arch: PretrainedArchitecture) -> HFTokenizer:
+        """The tokenizer of the checkpoint (`arch.pretrained`) or of a model folder's copy."""
+        revision = arch.revision if str(source) == arch.pretrained else None
+        return HFTokenizer.load(source, revision)
+
+    def preflight(self, arch: PretrainedArchitecture) -> None:
+        check_checkpoint(arch.pretrained, arch.revision)
+
+    def lineage(self, arch: PretrainedArchitecture) -> dict[str, str]:
+        return checkpoint_lineage(arch)
+
+    def build_pretrained(self, arch: PretrainedArchitecture, vocab_size: int) -> nn.Module:
+        model = self.wrapper(load_pretrained(arch, self.auto_class))
+        if vocab_size > model.hf.config.vocab_size:
+            raise ValueError(
+                f"{arch.pretrained}: the tokenizer has {vocab_size} tokens, the model "
+                f"only {model.hf.config.vocab_size}"
+            )
+        return model
+
+    def save_checkpoint_files(self, arch: PretrainedArchitecture, out_dir: Path) -> None:
+        """Config and tokenizer into the folder's hf/ before training: training reads the
+        tokenizer from there, so the folder loads with exactly the one it was trained with."""
+        tok = self.load_tokenizer(arch.pretrained, arch)
+        pretrained_config(arch).save_pretrained(str(Path(out_dir) / HF_DIR))
+        tok.save(Path(out_dir) / HF_DIR)
+
+    def model_identity(self, arch: PretrainedArchitecture, job: Any, vocab_size: int) -> dict:
+        # Other weights in the same folder make another run (resume must not mix them).
+        found = identity(job.model_type, arch, vocab_size, job.init_weights)
+        return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
+
+    def vocabulary_digest(self, arch: PretrainedArchitecture, spm_model: Path | None) -> str:
+        return self.load_tokenizer(arch.pretrained, arch).digest()
+
+    def folder_vocabulary_digest(self, model_dir: Path) -> str:
+        return HFTokenizer.load(Path(model_dir) / HF_DIR).digest()
+
+    def folder_model(self, model_dir: Path, device: str) -> nn.Module:
+        """The wrapped model of a trained folder (hf/ config, model.pt weights)."""
+        built = self.wrapper(model_from_folder(Path(model_dir) / HF_DIR, self.auto_class))
+        return load_weights(built, model_dir, device)
+
+    def exported_model(self, folder: Path, device: str) -> nn.Module:
+        """The wrapped model of an exported pipeline's save_pretrained folder."""
+        built = self.wrapper(pretrained_model(folder, self.auto_class))
+        return built.to(resolve_device(device)).eval()
+
+    def unpack_exported(self, folder: Path, arch: PretrainedArchitecture, out_dir: Path) -> None:
+        unpack_pretrained(folder, out_dir, self.exported_model(folder, "cpu"))
