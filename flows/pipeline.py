@@ -54,19 +54,22 @@ def experiment_flow(
         experiment, raw_paths, exp.corpus, exp.clean, work_dir, workspace, refresh_cache
     )
     columns = ["src", "tgt"] if exp.task == "translation" else ["text"]
-    spm_model = vocab_stage(
-        experiment, data["parquet"], columns, exp.vocab, work_dir, workspace, refresh_cache
-    )
+    spm_model = None  # every model brings its tokenizer: no SentencePiece model to train
+    if exp.needs_sentencepiece:
+        spm_model = vocab_stage(
+            experiment, data["parquet"], columns, exp.vocab, work_dir, workspace, refresh_cache
+        )
 
     client = mlflow_client(tracking_uri)
     exp_id = experiment_id(client, experiment, tracking_uri)
     lineage = {
         "code_commit": code_commit(),
         "data_sha256": file_sha256(data["parquet"]),
-        "vocab_sha256": file_sha256(spm_model),
         "config_hash": config.fingerprint(),
         "prefect_flow_run_id": str(flow_run.get_id()),
     }
+    if spm_model is not None:
+        lineage["vocab_sha256"] = file_sha256(spm_model)
     parent = client.create_run(
         exp_id,
         run_name=flow_run.get_name(),  # "<experiment> (<config>)"
@@ -76,7 +79,8 @@ def experiment_flow(
     log_params(client, parent_id, flatten("", exp.model_dump(mode="json")))
     client.log_artifact(parent_id, data["report_json"], "data")
     client.log_artifact(parent_id, data["report_md"], "data")
-    client.log_artifact(parent_id, spm_model, "vocab")
+    if spm_model is not None:
+        client.log_artifact(parent_id, spm_model, "vocab")
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.json"
         resolved.write_text(json.dumps(config.model_dump(mode="json"), indent=2))

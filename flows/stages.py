@@ -79,7 +79,7 @@ def train_stage(
     experiment: str,
     config: ExperimentConfig,
     parquet: str,
-    spm_model: str,
+    spm_model: str | None,
     work_dir: str,
     tracking_uri: str,
     experiment_id: str,

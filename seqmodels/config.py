@@ -127,6 +127,12 @@ class ExperimentConfig(Settings):
         return "test_bleu" if self.task == "translation" else "test_bits_per_char"
 
     @property
+    def needs_sentencepiece(self) -> bool:
+        """False when every model brings its own tokenizer (pretrained checkpoints): the
+        vocab stage is then skipped."""
+        return any(not FAMILIES[spec.type].own_tokenizer for spec in self.models.values())
+
+    @property
     def higher_is_better(self) -> bool:
         return self.task == "translation"
 

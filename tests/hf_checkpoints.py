@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 
-def make_tiny_marian(folder: Path, lines: list[str]) -> Path:
+def make_tiny_marian(folder: Path, lines: list[str], vocab_size: int = 40) -> Path:
     """A random MarianMT model with Marian's own SentencePiece tokenizer (one vocabulary for
     both sides, as in opus-mt models); eos is id 0 and pad the last id, as in those."""
     import sentencepiece as spm
@@ -19,7 +19,7 @@ def make_tiny_marian(folder: Path, lines: list[str]) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_prefix=str(folder / "source"),
-        vocab_size=40,
+        vocab_size=vocab_size,
         hard_vocab_limit=False,
         model_type="unigram",
         eos_id=0,

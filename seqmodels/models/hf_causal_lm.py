@@ -111,5 +111,17 @@ class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
         return NeuralLMPredictor(model, tok, tok.eos_id(), tok.banned_ids())
 
     def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+        """The text-generation pipeline, sampling as `seqmodels generate` does by default
+        (temperature 0.8, 60 new tokens, or half the context when that is shorter)."""
         predictor = self.load(model_dir, arch, decoding, device="cpu")
-        return hf_pipeline(self.transformers_task, predictor.model.hf, predictor.sp)
+        hf_model = predictor.model.hf
+        context = predictor.model.max_context
+        settings = {
+            "do_sample": True,
+            "temperature": 0.8,
+            "max_new_tokens": min(60, context // 2) if context else 60,
+            "pad_token_id": predictor.eos_id,  # GPT-2 has no pad token: batches pad with eos
+        }
+        for key, value in settings.items():
+            setattr(hf_model.generation_config, key, value)
+        return hf_pipeline(self.transformers_task, hf_model, predictor.sp)

@@ -137,6 +137,12 @@ class HFSeq2SeqPredictor:
                 out[i] = text
         return out
 
+    def output_budget(self, source_length: int) -> int:
+        """max_len_a * source + max_len_b new tokens, within the decoder's positions."""
+        budget = int(self.max_len_a * source_length + self.max_len_b)
+        limit = self.model.max_positions
+        return budget if limit is None else min(budget, limit - len(self.framing.tgt_prefix))
+
     @torch.no_grad()
     def generate_batch(self, sources: list[list[int]]) -> list[str]:
         longest = max(len(s) for s in sources)
@@ -150,7 +156,7 @@ class HFSeq2SeqPredictor:
             attention_mask=torch.from_numpy(mask).to(self.device),
             num_beams=self.beam_size,
             length_penalty=self.length_penalty,
-            max_new_tokens=int(self.max_len_a * longest + self.max_len_b),
+            max_new_tokens=self.output_budget(longest),
             decoder_start_token_id=start,
             forced_bos_token_id=forced[0] if forced else None,
             early_stopping=True,
@@ -229,7 +235,7 @@ class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
             "decoder_start_token_id": start,
             "forced_bos_token_id": forced[0] if forced else None,
             # A pipeline has one output budget for every input: that of a long sentence.
-            "max_new_tokens": int(predictor.max_len_a * LONG_SOURCE + predictor.max_len_b),
+            "max_new_tokens": predictor.output_budget(LONG_SOURCE),
             "early_stopping": True,
         }
         for key, value in settings.items():
