@@ -117,3 +117,17 @@ def test_pretrained_checkpoints_compete_with_models_trained_from_scratch(tmp_pat
     table = (report / "comparison.md").read_text()
     for model in ("gpt2", "transformer", "kn5"):
         assert model in table
+
+
+def test_the_pretrained_profile_names_real_checkpoints_and_is_refused_offline(monkeypatch):
+    from seqmodels.config import ConfigError, load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: hub ids resolve when training
+    config = load_config(REPO / "configs/pretrained.yaml")
+    mt = config.experiments["mt-multi30k-de-en"].models
+    assert mt["t5_small"].architecture.source_prefix == "translate German to English: "
+    assert config.experiments["lm-shakespeare"].models["gpt2"].type == "hf_causal_lm"
+    # Offline with an empty cache: refused before any stage, naming the checkpoint.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="'gpt2' is not a local folder"):
+        load_config(REPO / "configs/pretrained.yaml")
