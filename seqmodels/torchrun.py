@@ -11,6 +11,7 @@ A spec (relative paths are resolved against the spec's folder):
      "data": {"train": "train.npy", "valid": "valid.npy"}        # LM id streams (np.save)
            | {"train": "train.npz", "valid": "valid.npz"}        # pairs (save_pairs)
            | {"parquet": "corpus.parquet", "spm": "spm.model"},  # cleaned corpus + vocab
+                                              # (no spm for a pretrained checkpoint's family)
      "vocab_size": 8000,                                 # with npy/npz data
      "out_dir": "model", "metrics_file": "metrics.jsonl"}        # metrics: optional
 
@@ -87,8 +88,9 @@ def run_spec(spec: dict[str, Any], base: Path = Path(".")) -> dict[str, Any]:
     data = spec["data"]
     if "parquet" in data:
         task = next(t for t, kind in TASK_FAMILIES.items() if kind == parsed.family.task)
+        spm = base / data["spm"] if "spm" in data else None
         return train_model(
-            parsed, task, base / data["parquet"], base / data["spm"], out_dir, on_metrics=on_metrics
+            parsed, task, base / data["parquet"], spm, out_dir, on_metrics=on_metrics
         )
     return train_on_arrays(parsed, spec, base, on_metrics).summary()
 

@@ -4,7 +4,11 @@ their own beam search, and loaded back from the model folder alone."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from seqmodels.evaluation.metrics import translation_metrics  # noqa: E402
 from seqmodels.models import get_family  # noqa: E402
 from seqmodels.models.folder import load_predictor, model_lineage, train_model  # noqa: E402
 from seqmodels.training.checkpoint import list_checkpoints  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 from tests.hf_checkpoints import make_tiny_marian, make_tiny_t5  # noqa: E402
 
 # A word-for-word "language pair": easy enough for a tiny model to start learning in a few
@@ -190,3 +195,41 @@ def test_the_lineage_names_the_checkpoint_and_digests_its_weights(tiny_marian, t
         model_lineage(spec(copy))["pretrained_weights_sha256"]
         != (tags["pretrained_weights_sha256"])
     )
+
+
+def test_two_process_ddp_fine_tuning_matches_one_process(tiny_marian, corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo) sees the same global batches as one process."""
+    parquet = corpus[0]
+    training = {"max_steps": 4, "batch_tokens": 300, "lr": 3e-3, "warmup_steps": 1}
+    training |= {"eval_every": 4, "log_every": 1, "checkpoint_every": 4}
+
+    def write(name: str) -> Path:
+        spec = {
+            "type": "hf_seq2seq",
+            "architecture": {"pretrained": str(tiny_marian)},
+            "training": training,
+            "data": {"parquet": str(parquet)},
+            "out_dir": name,
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(spec))
+        return path
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    one = [sys.executable, "-m", "seqmodels.torchrun", "--spec", str(write("single"))]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    two += ["-m", "seqmodels.torchrun", "--spec", str(write("ddp"))]
+    for cmd in (one, two):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def losses(name: str) -> dict[int, float]:
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+    single, ddp = losses("single"), losses("ddp")
+    assert sorted(single) == sorted(ddp) == [1, 2, 3, 4]
+    for step, loss in single.items():
+        assert ddp[step] == pytest.approx(loss, rel=1e-4), step
