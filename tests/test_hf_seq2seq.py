@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,27 +199,63 @@ def test_the_lineage_names_the_checkpoint_and_digests_its_weights(tiny_marian, t
     )
 
 
+def write_spec(folder: Path, name: str, checkpoint: Path, parquet: Path, training: dict) -> Path:
+    """A seqmodels.torchrun spec fine-tuning `checkpoint` on the cleaned corpus."""
+    spec = {
+        "type": "hf_seq2seq",
+        "architecture": {"pretrained": str(checkpoint)},
+        "training": training,
+        "data": {"parquet": str(parquet)},
+        "out_dir": name,
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def process_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_a_fine_tuning_killed_with_sigkill_resumes_to_the_same_weights(
+    tiny_marian, corpus, tmp_path
+):
+    training = {"max_steps": 200, "batch_tokens": 200, "lr": 3e-3, "warmup_steps": 5}
+    training |= {"eval_every": 1000, "log_every": 50, "checkpoint_every": 20, "keep_last": 3}
+    cmd = [sys.executable, "-m", "seqmodels.torchrun", "--spec"]
+    whole = write_spec(tmp_path, "whole", tiny_marian, corpus[0], training)
+    subprocess.run([*cmd, str(whole)], env=process_env(), check=True, timeout=600)
+
+    killed = write_spec(tmp_path, "killed", tiny_marian, corpus[0], training)
+    process = subprocess.Popen([*cmd, str(killed)], env=process_env())
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints.is_dir() and list_checkpoints(checkpoints)):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "seqmodels.json").exists()  # it did not finish
+    done = subprocess.run([*cmd, str(killed)], env=process_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["resumed_from_step"] >= 20
+    first = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    again = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_two_process_ddp_fine_tuning_matches_one_process(tiny_marian, corpus, tmp_path):
     """torchrun with 2 CPU processes (gloo) sees the same global batches as one process."""
-    parquet = corpus[0]
     training = {"max_steps": 4, "batch_tokens": 300, "lr": 3e-3, "warmup_steps": 1}
     training |= {"eval_every": 4, "log_every": 1, "checkpoint_every": 4}
 
     def write(name: str) -> Path:
-        spec = {
-            "type": "hf_seq2seq",
-            "architecture": {"pretrained": str(tiny_marian)},
-            "training": training,
-            "data": {"parquet": str(parquet)},
-            "out_dir": name,
-        }
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(spec))
-        return path
+        return write_spec(tmp_path, name, tiny_marian, corpus[0], training)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = process_env()
     one = [sys.executable, "-m", "seqmodels.torchrun", "--spec", str(write("single"))]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     two += ["-m", "seqmodels.torchrun", "--spec", str(write("ddp"))]
