@@ -60,7 +60,12 @@ from seqmodels.models import FAMILIES  # noqa: E402
 from seqmodels.models.recurrent_lm import RecurrentLMArchitecture  # noqa: E402
 from seqmodels.models.transformer_lm import TransformerLMArchitecture  # noqa: E402
 from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture  # noqa: E402
-from seqmodels.training.batching import LMBatches, PairBatches, prepare_pairs  # noqa: E402
+from seqmodels.training.batching import (  # noqa: E402
+    IGNORE_TARGET,
+    LMBatches,
+    PairBatches,
+    prepare_pairs,
+)
 from seqmodels.training.flops import peak_flops  # noqa: E402
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model  # noqa: E402
 from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings  # noqa: E402
@@ -232,7 +237,7 @@ def time_loop(
             loss = F.cross_entropy(
                 logits.flatten(0, 1).float(),
                 target.flatten(),
-                ignore_index=PAD_ID,
+                ignore_index=IGNORE_TARGET,  # batching pads targets with it
                 label_smoothing=smoothing,
                 reduction="sum",
             )

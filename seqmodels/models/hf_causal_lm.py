@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from seqmodels.inference.predictors import NeuralLMPredictor
-from seqmodels.models.family import NeuralLMFamily, TrainJob
+from seqmodels.models.family import NeuralLMFamily
 from seqmodels.models.huggingface import (
     HF_DIR,
     HFTokenizer,
@@ -31,7 +31,6 @@ from seqmodels.models.huggingface import (
     pretrained_config,
 )
 from seqmodels.training.flops import matmul_params
-from seqmodels.training.settings import LMTrainSettings
 
 
 class HFCausalLMArchitecture(PretrainedArchitecture):
@@ -81,18 +80,6 @@ class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
     transformers_task = "text-generation"
     auto_class = "AutoModelForCausalLM"
     wrapper = HFCausalLM
-
-    def build(self, arch: HFCausalLMArchitecture, vocab_size: int) -> nn.Module:
-        return self.build_pretrained(arch, vocab_size)
-
-    def train(
-        self, arch: HFCausalLMArchitecture, training: LMTrainSettings, job: TrainJob
-    ) -> dict[str, Any]:
-        self.save_checkpoint_files(arch, job.out_dir)
-        return super().train(arch, training, job)
-
-    def tokenizer(self, arch: HFCausalLMArchitecture, job: TrainJob) -> HFTokenizer:
-        return self.load_tokenizer(job.out_dir / HF_DIR, arch)
 
     def end_of_line_id(self, tokenizer: HFTokenizer) -> int:
         return tokenizer.eos_id()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from seqmodels.data.splits import encode_lines
-from seqmodels.models.family import Seq2SeqFamily, TrainJob
+from seqmodels.models.family import Seq2SeqFamily
 from seqmodels.models.huggingface import (
     HF_DIR,
     HFTokenizer,
@@ -33,7 +33,6 @@ from seqmodels.models.huggingface import (
 )
 from seqmodels.training.batching import PairFraming
 from seqmodels.training.flops import matmul_params, seq2seq_flops_per_token
-from seqmodels.training.settings import Seq2SeqTrainSettings
 
 PROBE = "a b c"  # any text the tokenizer splits into ordinary tokens
 LONG_SOURCE = 100  # source tokens the exported pipeline's output budget is sized for
@@ -178,18 +177,6 @@ class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
         languages = {k: v for k, v in languages.items() if v is not None}
         revision = arch.revision if str(source) == arch.pretrained else None
         return HFTokenizer.load(source, revision, **languages)
-
-    def build(self, arch: HFSeq2SeqArchitecture, vocab_size: int) -> nn.Module:
-        return self.build_pretrained(arch, vocab_size)
-
-    def train(
-        self, arch: HFSeq2SeqArchitecture, training: Seq2SeqTrainSettings, job: TrainJob
-    ) -> dict[str, Any]:
-        self.save_checkpoint_files(arch, job.out_dir)
-        return super().train(arch, training, job)
-
-    def tokenizer(self, arch: HFSeq2SeqArchitecture, job: TrainJob) -> HFTokenizer:
-        return self.load_tokenizer(job.out_dir / HF_DIR, arch)
 
     def encode_pairs(
         self, arch: HFSeq2SeqArchitecture, tok: HFTokenizer, rows: dict[str, list[str]]

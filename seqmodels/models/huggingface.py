@@ -270,6 +270,17 @@ class PretrainedFamily:
     def lineage(self, arch: PretrainedArchitecture) -> dict[str, str]:
         return checkpoint_lineage(arch)
 
+    def build(self, arch: PretrainedArchitecture, vocab_size: int) -> nn.Module:
+        return self.build_pretrained(arch, vocab_size)
+
+    def train(self, arch: PretrainedArchitecture, training: Any, job: Any) -> dict[str, Any]:
+        self.save_checkpoint_files(arch, job.out_dir)
+        return super().train(arch, training, job)  # the family's task recipe (next in MRO)
+
+    def tokenizer(self, arch: PretrainedArchitecture, job: Any) -> HFTokenizer:
+        """The tokenizer training reads: the folder's copy of the checkpoint's."""
+        return self.load_tokenizer(Path(job.out_dir) / HF_DIR, arch)
+
     def build_pretrained(self, arch: PretrainedArchitecture, vocab_size: int) -> nn.Module:
         model = self.wrapper(load_pretrained(arch, self.auto_class))
         if vocab_size > model.hf.config.vocab_size:
