@@ -22,6 +22,7 @@ from seqmodels.config import ConfigError, VocabConfig, load_config, parse_model_
 from seqmodels.data.vocab import train_sentencepiece  # noqa: E402
 from seqmodels.evaluation.metrics import language_model_metrics  # noqa: E402
 from seqmodels.models.folder import load_predictor, train_model  # noqa: E402
+from seqmodels.models.huggingface import LoraSettings  # noqa: E402
 from seqmodels.training.checkpoint import list_checkpoints  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.model_helpers import make_tiny_gpt2  # noqa: E402
@@ -186,3 +187,40 @@ def test_a_missing_transformers_is_a_clear_error_and_the_registry_still_imports(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert "pip install 'seqmodels[hf]'" in out.stdout
+
+
+def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_gpt2, corpus, tmp_path):
+    pytest.importorskip("peft", reason="peft is not installed")
+    from seqmodels.models.folder import transformers_export
+
+    parquet, spm_model, lines = corpus
+    lora_spec = spec(tiny_gpt2, max_steps=20, lr=1e-2)
+    lora_spec.architecture.lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    losses: list[float] = []
+    summary = train_model(
+        lora_spec, "language_model", parquet, spm_model, tmp_path / "model",
+        on_metrics=lambda m, step: losses.extend([m["train_loss"]] if "train_loss" in m else []),
+    )  # fmt: skip
+    assert summary["steps"] == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    # Only the adapters moved: every weight of the checkpoint is as it was.
+    from safetensors.torch import load_file
+
+    original = load_file(tiny_gpt2 / "model.safetensors")
+    trained = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    adapters = [k for k in trained if "lora_" in k]
+    assert adapters and all("lora_B" not in k or trained[k].abs().sum() > 0 for k in adapters)
+    for key, value in original.items():
+        module, name = key.rsplit(".", 1)  # an adapted layer keeps its weight in base_layer
+        ends = (f".{key}", f".{module}.base_layer.{name}")
+        found = [k for k in trained if k.endswith(ends)]
+        assert len(found) == 1 and torch.equal(trained[found[0]], value), key
+    # The exported pipeline has the adapters merged and computes what the LoRA model does.
+    predictor = load_predictor(tmp_path / "model", device="cpu")
+    _, pipeline, meta = transformers_export(tmp_path / "model")
+    assert meta["architecture"]["lora"]["r"] == 4
+    assert not any("lora_" in name for name, _ in pipeline.model.named_parameters())
+    ids = torch.tensor([predictor.stream_ids(lines[:2])])
+    with torch.no_grad():
+        lora_logits, _ = predictor.model(ids)
+        merged_logits = pipeline.model(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, lora_logits, rtol=1e-4, atol=1e-4)

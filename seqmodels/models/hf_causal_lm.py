@@ -29,6 +29,7 @@ from seqmodels.models.huggingface import (
     context_length,
     hf_pipeline,
     pretrained_config,
+    without_lora,
 )
 from seqmodels.training.flops import matmul_params
 
@@ -88,7 +89,7 @@ class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
         return context_length(pretrained_config(arch))
 
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
-        model = self.folder_model(model_dir, device)
+        model = self.folder_model(model_dir, arch, device)
         return self.predictor(model, HFTokenizer.load(Path(model_dir) / HF_DIR))
 
     def load_exported(self, folder: Path, arch: Any, decoding: dict, device: str = "auto"):
@@ -101,7 +102,7 @@ class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
         """The text-generation pipeline, sampling as `seqmodels generate` does by default
         (temperature 0.8, 60 new tokens, or half the context when that is shorter)."""
         predictor = self.load(model_dir, arch, decoding, device="cpu")
-        hf_model = predictor.model.hf
+        hf_model = without_lora(predictor.model.hf, arch.lora)
         context = predictor.model.max_context
         settings = {
             "do_sample": True,

@@ -30,6 +30,7 @@ from seqmodels.models.huggingface import (
     context_length,
     hf_pipeline,
     pretrained_config,
+    without_lora,
 )
 from seqmodels.training.batching import PairFraming
 from seqmodels.training.flops import matmul_params, seq2seq_flops_per_token
@@ -192,7 +193,7 @@ class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
         return context_length(pretrained_config(arch))
 
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):
-        model = self.folder_model(model_dir, device)
+        model = self.folder_model(model_dir, arch, device)
         return self.predictor(
             model, self.load_tokenizer(Path(model_dir) / HF_DIR, arch), arch, decoding
         )
@@ -213,7 +214,7 @@ class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
         model's generation defaults and T5's task prefix as the config's `prefix` (which the
         pipeline puts before every input)."""
         predictor = self.load(model_dir, arch, decoding, device="cpu")
-        hf_model = predictor.model.hf
+        hf_model = without_lora(predictor.model.hf, arch.lora)
         hf_model.config.prefix = arch.source_prefix or None
         start, *forced = predictor.framing.tgt_prefix
         settings = {

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from seqmodels.files import atomic_path, file_sha256, json_digest
 from seqmodels.models.family import identity, load_weights
@@ -73,19 +73,61 @@ def check_checkpoint(pretrained: str, revision: str | None) -> None:
         raise not_available(pretrained, "is not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
 
 
+def require_peft() -> Any:
+    """The `peft` module, or an ImportError saying which extra to install."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError(f"LoRA fine-tuning needs peft: {INSTALL_HINT}") from None
+    return peft
+
+
+class LoraSettings(Settings):
+    """Parameter-efficient fine-tuning (LoRA, Hu et al. 2021, through peft): the checkpoint's
+    weights stay frozen and only low-rank adapters on the named layers train."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default layers for the model type
+
+
 class PretrainedArchitecture(Settings):
     # A folder in save_pretrained layout, or a hub id resolved through the Hugging Face cache.
     pretrained: str
     revision: str | None = None  # hub branch, tag or commit; ignored for a folder
+    lora: LoraSettings | None = None  # None: every weight is fine-tuned
 
     @model_validator(mode="after")
-    def _transformers_installed(self) -> PretrainedArchitecture:
+    def _packages_installed(self) -> PretrainedArchitecture:
         # Checked here (not only when training) so a config fails before any stage runs.
         try:
             require_transformers()
+            if self.lora is not None:
+                require_peft()
         except ImportError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+
+def with_lora(model: nn.Module, lora: LoraSettings | None) -> nn.Module:
+    """`model` with LoRA adapters (a peft model whose other weights are frozen), or as it is."""
+    if lora is None:
+        return model
+    peft = require_peft()
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+    return peft.get_peft_model(model, config)
+
+
+def without_lora(model: nn.Module, lora: LoraSettings | None) -> nn.Module:
+    """The plain Hugging Face model with any adapters merged into its weights (what the
+    transformers flavor logs: it loads without peft)."""
+    return model if lora is None else model.merge_and_unload()
 
 
 class HFTokenizer:
@@ -282,7 +324,7 @@ class PretrainedFamily:
         return self.load_tokenizer(Path(job.out_dir) / HF_DIR, arch)
 
     def build_pretrained(self, arch: PretrainedArchitecture, vocab_size: int) -> nn.Module:
-        model = self.wrapper(load_pretrained(arch, self.auto_class))
+        model = self.wrapper(with_lora(load_pretrained(arch, self.auto_class), arch.lora))
         if vocab_size > model.hf.config.vocab_size:
             raise ValueError(
                 f"{arch.pretrained}: the tokenizer has {vocab_size} tokens, the model "
@@ -308,10 +350,10 @@ class PretrainedFamily:
     def folder_vocabulary_digest(self, model_dir: Path) -> str:
         return HFTokenizer.load(Path(model_dir) / HF_DIR).digest()
 
-    def folder_model(self, model_dir: Path, device: str) -> nn.Module:
+    def folder_model(self, model_dir: Path, arch: PretrainedArchitecture, device: str):
         """The wrapped model of a trained folder (hf/ config, model.pt weights)."""
-        built = self.wrapper(model_from_folder(Path(model_dir) / HF_DIR, self.auto_class))
-        return load_weights(built, model_dir, device)
+        hf_model = model_from_folder(Path(model_dir) / HF_DIR, self.auto_class)
+        return load_weights(self.wrapper(with_lora(hf_model, arch.lora)), model_dir, device)
 
     def exported_model(self, folder: Path, device: str) -> nn.Module:
         """The wrapped model of an exported pipeline's save_pretrained folder."""
@@ -319,4 +361,7 @@ class PretrainedFamily:
         return built.to(resolve_device(device)).eval()
 
     def unpack_exported(self, folder: Path, arch: PretrainedArchitecture, out_dir: Path) -> None:
-        unpack_pretrained(folder, out_dir, self.exported_model(folder, "cpu"))
+        # An exported LoRA model has its adapters merged; fresh adapters (whose B matrices
+        # start at zero, so the function is unchanged) give the state a warm start expects.
+        hf_model = with_lora(pretrained_model(folder, self.auto_class), arch.lora)
+        unpack_pretrained(folder, out_dir, self.wrapper(hf_model))
