@@ -120,11 +120,23 @@ class ExperimentConfig(Settings):
                 raise ValueError(f"model {name!r}: {exc}") from None
         if (self.task == "translation") != (self.corpus.kind == "parallel"):
             raise ValueError(f"task {self.task!r} does not fit a {self.corpus.kind} corpus")
+        scored = {FAMILIES[spec.type].metric_prefix: spec.type for spec in self.models.values()}
+        if len(scored) > 1:
+            raise ValueError(
+                "models scored by pseudo-log-likelihood (" + scored.get("pll_", "") + ") are "
+                "not comparable with causal language models (" + scored.get("", "") + "): "
+                "put them in an experiment of their own"
+            )
         return self
 
     @property
     def primary_metric(self) -> str:
-        return "test_bleu" if self.task == "translation" else "test_bits_per_char"
+        """What promotion decides by: BLEU, or bits per character (a masked LM's
+        pseudo-log-likelihood one, test_pll_bits_per_char, for an experiment of masked LMs)."""
+        if self.task == "translation":
+            return "test_bleu"
+        prefix = FAMILIES[next(iter(self.models.values())).type].metric_prefix
+        return f"test_{prefix}bits_per_char"
 
     @property
     def needs_sentencepiece(self) -> bool:

@@ -31,6 +31,9 @@ METADATA_KEY = "seqmodels"  # the model's seqmodels.json, logged with a transfor
 def _transformers_signature(hf_task: str) -> ModelSignature:
     """Strings in, strings out; the generation settings a caller may change per request
     (they go to the pipeline's call, so only its own keyword arguments)."""
+    strings = Schema([ColSpec("string")])
+    if hf_task == "fill-mask":  # the best token for each [MASK]: nothing to set
+        return ModelSignature(inputs=strings, outputs=strings)
     params = [ParamSpec("max_new_tokens", "long", 60)]
     if hf_task == "text-generation":
         params += [
@@ -38,11 +41,7 @@ def _transformers_signature(hf_task: str) -> ModelSignature:
             ParamSpec("temperature", "double", 0.8),
             ParamSpec("top_k", "long", 50),
         ]
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema(params),
-    )
+    return ModelSignature(inputs=strings, outputs=strings, params=ParamSchema(params))
 
 
 def _signature(task_kind: str) -> ModelSignature:
@@ -145,6 +144,8 @@ def _log_transformers_model(exported, example: list[str], registered_name: str):
     Hugging Face pipeline (mlflow.transformers.load_model) and serves as a pyfunc. The
     seqmodels metadata lets `seqmodels translate|generate|score` rebuild its predictor."""
     hf_task, pipeline, meta = exported
+    if hf_task == "fill-mask":  # a masked LM is asked to fill in a masked token
+        example = [f"{example[0]} {pipeline.tokenizer.mask_token}"]
     return mlflow.transformers.log_model(
         pipeline,
         name="model",

@@ -26,7 +26,7 @@ from seqmodels.models.folder import check_warm_start  # noqa: E402
 from tasks.modeling import fetch_model_folder, train_model_run  # noqa: E402
 from tasks.registry import register_model_version  # noqa: E402
 from tasks.tracking import experiment_id, mlflow_client  # noqa: E402
-from tests.hf_checkpoints import make_tiny_marian  # noqa: E402
+from tests.hf_checkpoints import make_tiny_bert, make_tiny_marian  # noqa: E402
 from tests.model_helpers import make_tiny_gpt2  # noqa: E402
 from tests.serving import serve_and_predict  # noqa: E402
 
@@ -94,6 +94,14 @@ def registry(tmp_path_factory, prefect_api) -> dict:
         {"type": "hf_seq2seq", "architecture": {"pretrained": str(marian)}, "training": training}
     )
     _train_and_register(uri, "hf-lm", gpt2_spec, "language_model", lm, folder / "work")
+    bert_spec = parse_model_spec(
+        {
+            "type": "hf_masked_lm",
+            "architecture": {"pretrained": str(make_tiny_bert(folder / "bert", lines))},
+            "training": training | {"block_size": 32},
+        }
+    )
+    _train_and_register(uri, "hf-mlm", bert_spec, "language_model", lm, folder / "work")
     trained, _ = _train_and_register(uri, "hf-mt", marian_spec, "translation", mt, folder / "work")
     shutil.copyfile(Path(trained["model_dir"]) / "model.pt", folder / "registered.pt")
     return {"uri": uri, "marian_spec": marian_spec, "mt": mt, "folder": folder, "marian": marian}
@@ -117,6 +125,11 @@ def test_mlflow_gives_back_a_hugging_face_pipeline_and_a_pyfunc(registry):
     pyfunc = mlflow.pyfunc.load_model("models:/hf-mt/1")
     assert pyfunc.predict(["ein hund sieht die katze"]) == [out]
 
+    filler = mlflow.transformers.load_model("models:/hf-mlm/1", return_type="pipeline")
+    assert type(filler).__name__ == "FillMaskPipeline"
+    filled = mlflow.pyfunc.load_model("models:/hf-mlm/1").predict(["the cat [MASK] on a mat"])
+    assert len(filled) == 1 and isinstance(filled[0], str)
+
     generator = mlflow.pyfunc.load_model("models:/hf-lm/1")
     texts = generator.predict(["a dog"], params={"max_new_tokens": 8, "do_sample": False})
     assert len(texts) == 1 and isinstance(texts[0], str) and texts[0].startswith("a dog")
@@ -139,6 +152,8 @@ def test_seqmodels_translate_generate_and_score_accept_them(registry):
     out = _invoke(["score", "-m", "models:/hf-lm/1", *uri], "a dog sees the cat\nthe man\n")
     assert out.exit_code == 0
     assert all(float(v) > 1 for v in out.stdout.splitlines())
+    out = _invoke(["score", "-m", "models:/hf-mlm/1", *uri], "a dog sees the cat\n")
+    assert out.exit_code == 0 and float(out.stdout.splitlines()[0]) > 1  # PLL perplexity
     wrong = _invoke(["translate", "-m", "models:/hf-lm/1", *uri], "a\n")
     assert wrong.exit_code == 2 and "seqmodels generate or score" in wrong.output
 

@@ -20,7 +20,7 @@ from typing import TypedDict
 from seqmodels.evaluation.promotion import CHAMPION
 
 # Primary metric of each task (what promotion decides by) and whether higher is better.
-PRIMARY_METRICS = {"test_bleu": True, "test_bits_per_char": False}
+PRIMARY_METRICS = {"test_bleu": True, "test_bits_per_char": False, "test_pll_bits_per_char": False}
 TEST_METRICS = (
     "test_bleu",
     "test_chrf",
@@ -28,6 +28,13 @@ TEST_METRICS = (
     "test_bits_per_char",
     "test_ppl_per_word",
     "test_ppl_per_token",
+    "test_pll_bits_per_char",
+    "test_pll_ppl_per_word",
+)
+PLL_NOTE = (
+    "Masked LMs are scored by pseudo-log-likelihood (`test_pll_*`, Salazar et al. 2020: each "
+    "token predicted from both sides with it masked): those numbers are not comparable with "
+    "the causal models' bits per character and perplexities."
 )
 HIGHER_IS_BETTER = {"test_bleu", "test_chrf"}
 CURVES = ("train_loss", "valid_loss")
@@ -177,6 +184,8 @@ def report_markdown(comparison: dict, plots: dict[str, str], tracking_uri: str) 
         *("| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells),
         "",
     ]
+    if any(k.startswith("test_pll_") for k in header):
+        lines += [PLL_NOTE, ""]
     no_curves = [f"v{r['version']} {r['model']}" for r in comparison["rows"] if not r["history"]]
     for title, file in plots.items():
         lines += [f"## {title}", "", f"![{title}]({file})", ""]

@@ -63,14 +63,16 @@ def evaluate_predictor(predictor, parquet: Path, experiment: ExperimentConfig) -
     scores = language_model_metrics(float(line_nll.sum()), predictor.n_predicted(lines), lines)
     low, high = bits_per_char_interval(line_nll, chars, ev.bootstrap_samples)
     scores.update(test_bits_per_char_ci_low=low, test_bits_per_char_ci_high=high)
-    samples = [
-        prompt + continuation
-        for prompt, continuation in zip(
-            ev.sample_prompts,
-            predictor.generate(ev.sample_prompts, max_new_tokens=ev.sample_tokens, seed=0),
-            strict=True,
+    # A masked LM's pseudo-log-likelihood gets names of its own ("test_pll_..."): it is not
+    # comparable with a causal model's likelihood.
+    prefix = f"test_{predictor.metric_prefix}"
+    scores = {prefix + k.removeprefix("test_"): v for k, v in scores.items()}
+    samples = []
+    if predictor.can_generate:
+        continuations = predictor.generate(
+            ev.sample_prompts, max_new_tokens=ev.sample_tokens, seed=0
         )
-    ]
+        samples = [p + c for p, c in zip(ev.sample_prompts, continuations, strict=True)]
     return EvaluationResult(
         scores,
         outputs=samples,

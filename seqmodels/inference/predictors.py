@@ -80,6 +80,8 @@ class LanguageModelPredictor:
 
     default_task = "generate"
     sp: spm.SentencePieceProcessor
+    metric_prefix = ""  # "pll_" for pseudo-log-likelihoods (masked LMs)
+    can_generate = True
 
     def total_nll(self, lines: list[str]) -> tuple[float, int]:
         raise NotImplementedError

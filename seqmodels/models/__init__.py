@@ -11,6 +11,7 @@ from seqmodels.models.conv_seq2seq import ConvSeq2SeqFamily
 from seqmodels.models.elman_lm import ElmanLMFamily
 from seqmodels.models.family import LANGUAGE_MODEL, SEQUENCE_TO_SEQUENCE, ModelFamily
 from seqmodels.models.hf_causal_lm import HFCausalLMFamily
+from seqmodels.models.hf_masked_lm import HFMaskedLMFamily
 from seqmodels.models.hf_seq2seq import HFSeq2SeqFamily
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqFamily
 from seqmodels.models.ngram import NgramFamily
@@ -29,6 +30,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "conv_seq2seq": ConvSeq2SeqFamily(),
     "hf_causal_lm": HFCausalLMFamily(),
     "hf_seq2seq": HFSeq2SeqFamily(),
+    "hf_masked_lm": HFMaskedLMFamily(),
 }
 
 __all__ = ["FAMILIES", "LANGUAGE_MODEL", "SEQUENCE_TO_SEQUENCE", "ModelFamily", "get_family"]

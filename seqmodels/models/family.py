@@ -32,7 +32,7 @@ from seqmodels.data.splits import encode_lines, language_model_stream, read_spli
 from seqmodels.files import file_sha256, load_sentencepiece
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
 from seqmodels.settings import Settings
-from seqmodels.training.batching import PairFraming
+from seqmodels.training.batching import Masking, PairFraming
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model
 from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback, resolve_device
@@ -69,6 +69,9 @@ class ModelFamily:
     # The model brings its tokenizer (a pretrained checkpoint's): the experiment's
     # SentencePiece model is not used, and the vocab stage is skipped when no model needs it.
     own_tokenizer: ClassVar[bool] = False
+    # Language models: "" for a likelihood (test_bits_per_char...), "pll_" for a masked LM's
+    # pseudo-log-likelihood (test_pll_bits_per_char...), which is not comparable with it.
+    metric_prefix: ClassVar[str] = ""
 
     def preflight(self, arch: Any) -> None:
         """Checks of what lies outside the config (installed packages, a checkpoint to start
@@ -168,6 +171,10 @@ class NeuralLMFamily(ModelFamily):
         """What the resume key knows of the model (see `identity`)."""
         return identity(job.model_type, arch, vocab_size, job.init_weights)
 
+    def masking(self, training: Any, tokenizer: Any) -> Masking | None:
+        """How a masked LM corrupts its input (None: a causal LM predicts the next token)."""
+        return None
+
     def train(self, arch: Any, training: LMTrainSettings, job: TrainJob) -> dict[str, Any]:
         tok = self.tokenizer(arch, job)
         eos = self.end_of_line_id(tok)
@@ -187,6 +194,7 @@ class NeuralLMFamily(ModelFamily):
             max_context=self.max_context(arch),
             on_metrics=job.on_metrics,
             on_progress=job.on_progress,
+            masking=self.masking(training, tok),
         )
         summary = {**result.summary(), "train_tokens": int(len(train_ids))}
         return {**summary, "vocab_size": vocab_size}

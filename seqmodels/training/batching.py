@@ -78,6 +78,68 @@ def lm_valid_batches(ids: np.ndarray, block: int, batch_size: int) -> list[Batch
     return batches
 
 
+@dataclass(frozen=True)
+class Masking:
+    """BERT's masked-LM corruption (Devlin et al. 2019): `probability` of the ordinary tokens
+    are selected; of those 80% become the mask token, 10% a random token, 10% stay."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]  # never selected (cls, sep, pad...)
+    probability: float = 0.15
+    seed: int = 0
+
+
+def mask_tokens(x: torch.Tensor, real: torch.Tensor, masking: Masking, index: int) -> Batch:
+    """(corrupted x, labels) for batch number `index`: the same index always gives the same
+    masking (exact resume), another index another. Labels are the original ids at the
+    selected positions and IGNORE_TARGET elsewhere; `real` marks the non-padding positions."""
+    gen = torch.Generator().manual_seed(masking.seed * 1_000_003 + index)
+    chance, kind = torch.rand(x.shape, generator=gen), torch.rand(x.shape, generator=gen)
+    random_ids = torch.randint(masking.vocab_size, x.shape, generator=gen)
+    ordinary = real & ~torch.isin(x, torch.tensor(masking.special_ids, dtype=x.dtype))
+    selected = ordinary & (chance < masking.probability)
+    labels = torch.where(selected, x, torch.full_like(x, IGNORE_TARGET))
+    corrupted = torch.where(selected & (kind < 0.8), torch.full_like(x, masking.mask_id), x)
+    corrupted = torch.where(selected & (kind >= 0.8) & (kind < 0.9), random_ids, corrupted)
+    return corrupted, labels
+
+
+class MaskedLMBatches:
+    """LM windows (LMBatches) corrupted for a masked LM, dynamically: every batch gets a new
+    masking. n_tokens is the number of selected (predicted) positions."""
+
+    def __init__(self, windows: LMBatches, masking: Masking) -> None:
+        self.windows, self.masking, self.index = windows, masking, 0
+
+    def __iter__(self) -> MaskedLMBatches:
+        return self
+
+    def __next__(self) -> tuple[Batch, int]:
+        (x, _), _ = next(self.windows)
+        corrupted, labels = mask_tokens(
+            x, torch.ones_like(x, dtype=torch.bool), self.masking, self.index
+        )
+        self.index += 1
+        return (corrupted, labels), int((labels != IGNORE_TARGET).sum())
+
+    def state_dict(self) -> dict:
+        return {"windows": self.windows.state_dict(), "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state["windows"])
+        self.index = state["index"]
+
+
+def masked_valid_batches(batches: list[Batch], masking: Masking) -> list[Batch]:
+    """Validation windows (lm_valid_batches) with one fixed masking (indices from 2**40: never
+    a training batch's)."""
+    return [
+        mask_tokens(x, y != IGNORE_TARGET, masking, (1 << 40) + i)
+        for i, (x, y) in enumerate(batches)
+    ]
+
+
 # --- translation models -----------------------------------------------------------------
 
 

@@ -18,9 +18,12 @@ from seqmodels.training.batching import (
     IGNORE_TARGET,
     Batch,
     LMBatches,
+    MaskedLMBatches,
+    Masking,
     PairBatches,
     PairFraming,
     lm_valid_batches,
+    masked_valid_batches,
     pair_valid_batches,
     prepare_pairs,
 )
@@ -64,10 +67,14 @@ def train_language_model(
     on_metrics: MetricsCallback | None = None,
     on_progress: ProgressCallback | None = None,
     valid_score_fn: ScoreFn | None = None,
+    masking: Masking | None = None,
 ) -> TrainResult:
     """Train an LM on one flat id stream (lines' pieces each followed by EOS, starting with
     EOS). Windows are cfg.block_size long (else max_context, else 128), capped at the model's
-    max_context. Validation loss is the mean NLL per predicted token (nats)."""
+    max_context. Validation loss is the mean NLL per predicted token (nats).
+
+    With `masking` the model is a masked LM: it predicts the masked tokens of each window
+    (a new masking per batch; one fixed masking of the validation windows)."""
     train_ids, valid_ids = np.asarray(train_ids), np.asarray(valid_ids)
     block = cfg.block_size or max_context or DEFAULT_BLOCK
     if max_context is not None:
@@ -80,18 +87,25 @@ def train_language_model(
     if cfg.valid_max_tokens is not None:
         valid_ids = valid_ids[: cfg.valid_max_tokens + 1]
     batch_size = max(1, cfg.batch_tokens // block)
+    valid = lm_valid_batches(valid_ids, block, batch_size) if len(valid_ids) > 1 else []
+
+    # Tokens/s counts predicted tokens: a masked LM predicts `probability` of its inputs.
+    predicted_share = 1.0 if masking is None else masking.probability
+
+    def make_batches(rank: int, world: int):
+        windows = LMBatches(train_ids, block, batch_size, cfg.seed, rank, world)
+        return windows if masking is None else MaskedLMBatches(windows, masking)
+
     job = FitJob(
         build_model=build_model,
-        make_batches=lambda rank, world: LMBatches(
-            train_ids, block, batch_size, cfg.seed, rank, world
-        ),
-        valid_batches=lm_valid_batches(valid_ids, block, batch_size) if len(valid_ids) > 1 else [],
+        make_batches=make_batches,
+        valid_batches=valid if masking is None else masked_valid_batches(valid, masking),
         loss_fn=lm_loss,
         settings=cfg,
         out_dir=out_dir,
         model_identity=model_identity,
         data_fingerprint=array_fingerprint([train_ids, valid_ids]),
-        flops_per_token=lambda model: model.flops_per_token(block),
+        flops_per_token=lambda model: model.flops_per_token(block) / predicted_share,
         on_metrics=on_metrics,
         on_progress=on_progress,
         valid_score_fn=valid_score_fn,
