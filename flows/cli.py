@@ -234,7 +234,11 @@ def _one_line(text: str) -> str:
 
 def _predict_lines(model, input_file: Path | None, params: dict) -> Iterator[tuple[str, str]]:
     for chunk in _input_lines(input_file):
-        yield from zip(chunk, model.predict(chunk, params=params), strict=True)
+        try:
+            outputs = model.predict(chunk, params=params)
+        except ValueError as exc:  # a request the model cannot serve (a masked LM asked to
+            _fail(str(exc))  # generate): the reason, not a traceback
+        yield from zip(chunk, outputs, strict=True)
 
 
 MODEL_HELP = "Registry URI of the model: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/..."

@@ -154,6 +154,8 @@ def test_seqmodels_translate_generate_and_score_accept_them(registry):
     assert all(float(v) > 1 for v in out.stdout.splitlines())
     out = _invoke(["score", "-m", "models:/hf-mlm/1", *uri], "a dog sees the cat\n")
     assert out.exit_code == 0 and float(out.stdout.splitlines()[0]) > 1  # PLL perplexity
+    out = _invoke(["generate", "-m", "models:/hf-mlm/1", *uri], "a dog\n")
+    assert out.exit_code == 2 and "does not generate text" in out.output
     wrong = _invoke(["translate", "-m", "models:/hf-lm/1", *uri], "a\n")
     assert wrong.exit_code == 2 and "seqmodels generate or score" in wrong.output
 
