@@ -92,14 +92,15 @@ class ModelFamily:
         """A predictor (seqmodels.inference.predictors) for a trained folder."""
         raise NotImplementedError
 
-    def vocabulary_digest(self, arch: Any, spm_model: Path | None) -> str:
-        """Digest of the vocabulary a new model of `arch` trains with (a warm start needs the
-        same one as its parent's)."""
-        return file_sha256(spm_model)
+    def vocabulary(self, arch: Any, spm_model: Path | None) -> tuple[str, str]:
+        """(digest, where it is) of the vocabulary a new model of `arch` trains with: a warm
+        start needs the same one as its parent's."""
+        return file_sha256(spm_model), str(spm_model)
 
-    def folder_vocabulary_digest(self, model_dir: Path) -> str:
-        """Digest of the vocabulary of a trained folder (see vocabulary_digest)."""
-        return file_sha256(Path(model_dir) / "spm.model")
+    def folder_vocabulary(self, model_dir: Path) -> tuple[str, str]:
+        """(digest, where it is) of the vocabulary of a trained folder (see `vocabulary`)."""
+        path = Path(model_dir) / "spm.model"
+        return file_sha256(path), str(path)
 
     def unpack_exported(self, folder: Path, arch: Any, out_dir: Path) -> None:
         """Write a model folder's weights and tokenizer (not its seqmodels.json) from a model

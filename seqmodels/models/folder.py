@@ -104,16 +104,14 @@ def check_warm_start(init_from: Path, spec: ModelSpecLike, spm_model: Path | Non
             f"this model is a {spec.type} with architecture {ours}: they must match"
         )
     family = get_family(spec.type)
-    if family.folder_vocabulary_digest(init_from) != family.vocabulary_digest(
-        spec.architecture, spm_model
-    ):
-        if family.own_tokenizer:
-            theirs, ours = init_from / "hf", f"{spec.architecture.pretrained}'s tokenizer"
-        else:
-            theirs, ours = init_from / "spm.model", spm_model
+    (theirs, their_source), (ours, our_source) = (
+        family.folder_vocabulary(init_from),
+        family.vocabulary(spec.architecture, spm_model),
+    )
+    if theirs != ours:
         raise ValueError(
-            f"init_from {init_from} was trained with the vocabulary {theirs}, which differs from "
-            f"this experiment's {ours}: a warm start needs the same vocabulary"
+            f"init_from {init_from} was trained with the vocabulary {their_source}, which "
+            f"differs from this experiment's, {our_source}: a warm start needs the same vocabulary"
         )
     weights = init_from / WEIGHTS_FILE
     if not weights.is_file():

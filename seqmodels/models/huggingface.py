@@ -344,11 +344,13 @@ class PretrainedFamily:
         found = identity(job.model_type, arch, vocab_size, job.init_weights)
         return {**found, "checkpoint_sha256": checkpoint_digest(arch.pretrained)}
 
-    def vocabulary_digest(self, arch: PretrainedArchitecture, spm_model: Path | None) -> str:
-        return self.load_tokenizer(arch.pretrained, arch).digest()
+    def vocabulary(self, arch: PretrainedArchitecture, spm_model: Path | None) -> tuple[str, str]:
+        tok = self.load_tokenizer(arch.pretrained, arch)
+        return tok.digest(), f"the tokenizer of {arch.pretrained}"
 
-    def folder_vocabulary_digest(self, model_dir: Path) -> str:
-        return HFTokenizer.load(Path(model_dir) / HF_DIR).digest()
+    def folder_vocabulary(self, model_dir: Path) -> tuple[str, str]:
+        folder = Path(model_dir) / HF_DIR
+        return HFTokenizer.load(folder).digest(), f"the tokenizer in {folder}"
 
     def folder_model(self, model_dir: Path, arch: PretrainedArchitecture, device: str):
         """The wrapped model of a trained folder (hf/ config, model.pt weights)."""
