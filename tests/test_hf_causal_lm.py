@@ -189,6 +189,22 @@ def test_a_missing_transformers_is_a_clear_error_and_the_registry_still_imports(
     assert "pip install 'seqmodels[hf]'" in out.stdout
 
 
+def test_lora_without_peft_installed_is_a_clear_error():
+    code = (
+        "import sys; sys.modules['peft'] = None\n"
+        "import seqmodels.config\n"
+        "try:\n"
+        "    seqmodels.config.parse_model_spec({'type': 'hf_causal_lm', "
+        "'architecture': {'pretrained': 'gpt2', 'lora': {'r': 4}}})\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert "LoRA fine-tuning needs peft" in out.stdout and "seqmodels[hf]" in out.stdout
+
+
 def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_gpt2, corpus, tmp_path):
     pytest.importorskip("peft", reason="peft is not installed")
     from seqmodels.models.folder import transformers_export
