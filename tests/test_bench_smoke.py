@@ -63,3 +63,18 @@ def test_decode_throughput_smoke(mirror, bench_tmp):
         assert positive(figures[key]), key
     assert positive(figures["hf_tokens_per_s"]) == HAS_HF
     assert positive(figures["seqmodels_vs_hf"]) == HAS_HF
+
+
+@pytest.mark.skipif(
+    not (HAS_HF and importlib.util.find_spec("accelerate")),
+    reason="needs transformers and accelerate (the Hugging Face Trainer)",
+)
+def test_hf_finetune_throughput_smoke(mirror, bench_tmp):
+    figures = run_bench("hf_finetune_throughput.py", mirror, bench_tmp)
+    assert figures["bench"] == "hf_finetune_throughput"
+    assert figures["rounds"] == 1 and figures["timed_steps"] == 1
+    assert set(figures["models"]) == {"gpt2", "marian"}
+    for name, m in figures["models"].items():
+        for impl in ("seqmodels", "hf"):
+            assert positive(m[f"{impl}_tokens_per_s"]["median"]), (name, impl)
+        assert positive(m["seqmodels_vs_hf"]), name
