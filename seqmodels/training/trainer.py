@@ -155,7 +155,11 @@ def make_optimizer(model: nn.Module, cfg: TrainSettings, device: torch.device):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    extra = {"fused": True} if device.type == "cuda" else {}
+    # The fused kernel (one pass over all parameters) on CUDA and on the CPU: on 2 CPU cores
+    # fine-tuning GPT-2 small went from 87.6 to 110.4 tokens/s and Marian-base from 211 to
+    # 239 with it (bench/hf_finetune_throughput.py --cpu, medians of 3 rounds, two runs;
+    # the Hugging Face Trainer's default, adamw_torch_fused, is the same kernel).
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, **extra
     )
