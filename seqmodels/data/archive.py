@@ -1,4 +1,5 @@
-"""Extract one corpus file from a zip or tar archive, refusing members that escape.
+"""Extract one corpus file from a zip or tar archive, or read many members into memory,
+refusing members that escape.
 
 A member whose path is absolute, climbs out with `..`, or is a link (symlink or hard link)
 could write outside the extraction folder or point at a file there; such an archive is refused
@@ -11,6 +12,7 @@ import posixpath
 import shutil
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from seqmodels.data.textfile import CorruptInputError
@@ -85,3 +87,61 @@ def _copy_member(archive: Path, wanted: str, member: str, tmp: str) -> None:
             assert src is not None
             with src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
+
+
+def read_members(
+    archive: Path, select: Callable[[list[str]], list[str]]
+) -> Iterator[tuple[str, bytes]]:
+    """(path, content) of the regular-file members `select` picks, in the order it returns.
+
+    `select` gets the normalised paths of every regular file in the archive (after the same
+    safety checks as `extract_member`) and returns those to read. The archive is opened once:
+    a zip reads its members directly from the central directory; a tar reads its headers, then
+    the chosen members in archive order (a forward pass, never a seek back per member, which
+    would decompress a .tar.gz again for every one), holding their bytes until all are read.
+    """
+    archive = Path(archive)
+    try:
+        if archive.name.lower().endswith(".zip"):
+            yield from _read_zip_members(archive, select)
+        else:
+            yield from _read_tar_members(archive, select)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        raise CorruptInputError(f"{archive}: not a readable archive: {exc}") from exc
+
+
+def _read_zip_members(
+    archive: Path, select: Callable[[list[str]], list[str]]
+) -> Iterator[tuple[str, bytes]]:
+    with zipfile.ZipFile(archive) as zf:
+        files = {}
+        for info in zf.infolist():
+            path = _check_member_path(archive, info.filename)
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a link")
+            if not info.is_dir():
+                files[path] = info
+        for path in select(list(files)):
+            yield path, zf.read(files[path])
+
+
+def _read_tar_members(
+    archive: Path, select: Callable[[list[str]], list[str]]
+) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(archive) as tf:
+        files = {}
+        for info in tf.getmembers():
+            path = _check_member_path(archive, info.name)
+            if info.issym() or info.islnk():
+                raise UnsafeArchiveError(f"{archive}: member {info.name!r} is a link")
+            if info.isfile():
+                files[path] = info
+        wanted = select(list(files))
+        contents = {}
+        for path in sorted(wanted, key=lambda p: files[p].offset):
+            src = tf.extractfile(files[path])
+            assert src is not None  # a regular file always has a reader
+            with src:
+                contents[path] = src.read()
+        for path in wanted:
+            yield path, contents.pop(path)

@@ -19,18 +19,27 @@ from pathlib import Path
 
 import polars as pl
 
-from seqmodels.data.clean_report import HISTOGRAM_EDGES, build_report
+from seqmodels.data.clean_report import HISTOGRAM_EDGES, build_report, describe_example
 from seqmodels.data.corpus_reader import (
+    REFS_TYPE,
     AlignmentError,
     CorpusFormatError,
     InputFile,
+    has_references,
     line_count,
     scan_corpus,
 )
 from seqmodels.data.settings import CleanConfig
 from seqmodels.files import atomic_path
 
-__all__ = ["AlignmentError", "CorpusFormatError", "InputFile", "clean_corpus", "split_expr"]
+__all__ = [
+    "AlignmentError",
+    "CorpusFormatError",
+    "InputFile",
+    "clean_corpus",
+    "corpus_schema",
+    "split_expr",
+]
 
 # The explicit output schemas: column order and types are part of the contract.
 MONOLINGUAL_SCHEMA: dict[str, pl.DataType] = {
@@ -49,9 +58,25 @@ PARALLEL_SCHEMA: dict[str, pl.DataType] = {
     "line": pl.Int64(),
 }
 SPLITS = ("train", "valid", "test")
+REFS_COLUMN = "refs"  # extra human references (summarisation): normalised, never filtered on
 EXAMPLES_PER_RULE = 3
 _ENTITY = r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);"
 _MASK64 = (1 << 64) - 1
+
+
+def corpus_schema(kind: str, references: bool = False) -> dict[str, pl.DataType]:
+    """The cleaned Parquet's columns; a parallel corpus with references gets `refs` after `tgt`
+    (every row a list, empty when it has none). Without references the schema is unchanged."""
+    if kind != "parallel":
+        return dict(MONOLINGUAL_SCHEMA)
+    if not references:
+        return dict(PARALLEL_SCHEMA)
+    schema: dict[str, pl.DataType] = {}
+    for name, dtype in PARALLEL_SCHEMA.items():
+        schema[name] = dtype
+        if name == "tgt":
+            schema[REFS_COLUMN] = REFS_TYPE
+    return schema
 
 
 def _u64(value: int) -> pl.Expr:
@@ -150,24 +175,39 @@ def normalisation_steps(cfg: CleanConfig) -> list[tuple[str, str, Callable]]:
     return steps
 
 
-def _normalise(lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig) -> pl.LazyFrame:
+def _normalise(
+    lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig, lists: tuple[str, ...] = ()
+) -> pl.LazyFrame:
+    """Apply the normalisation steps to the string `columns` and to every element of the
+    list columns `lists`; `_fix_<step>` says whether a step changed any of them in a row."""
     steps = normalisation_steps(cfg)
     if not steps:
         return lf
     fix = _fix_all(steps)
     dtype = pl.Struct({"value": pl.String, **{name: pl.Boolean for name, _, _ in steps}})
     lf = lf.with_columns(
-        **{f"_new_{c}": pl.col(c).map_batches(fix, dtype, is_elementwise=True) for c in columns}
+        **{f"_new_{c}": pl.col(c).map_batches(fix, dtype, is_elementwise=True) for c in columns},
+        **{
+            f"_new_{c}": pl.col(c).list.eval(
+                pl.element().map_batches(fix, dtype, is_elementwise=True)
+            )
+            for c in lists
+        },
     )
+
+    def changed(c: str, name: str) -> pl.Expr:
+        if c in lists:
+            return pl.col(f"_new_{c}").list.eval(pl.element().struct.field(name)).list.any()
+        return pl.col(f"_new_{c}").struct.field(name)
+
     return lf.with_columns(
         **{c: pl.col(f"_new_{c}").struct.field("value") for c in columns},
+        **{c: pl.col(f"_new_{c}").list.eval(pl.element().struct.field("value")) for c in lists},
         **{
-            f"_fix_{name}": pl.any_horizontal(
-                [pl.col(f"_new_{c}").struct.field(name) for c in columns]
-            )
+            f"_fix_{name}": pl.any_horizontal([changed(c, name) for c in (*columns, *lists)])
             for name, _, _ in steps
         },
-    ).drop([f"_new_{c}" for c in columns])
+    ).drop([f"_new_{c}" for c in (*columns, *lists)])
 
 
 def _measure(columns: list[str], cfg: CleanConfig) -> dict[str, pl.Expr]:
@@ -224,19 +264,22 @@ def _drop_reason(columns: list[str], cfg: CleanConfig, parallel: bool) -> pl.Exp
 
 
 def _first_pass(
-    units: list[tuple[InputFile, pl.LazyFrame]], columns: list[str], cfg: CleanConfig
+    units: list[tuple[InputFile, pl.LazyFrame]],
+    columns: list[str],
+    cfg: CleanConfig,
+    lists: tuple[str, ...] = (),
 ) -> pl.LazyFrame:
     parallel = len(columns) == 2
     frames = []
     for index, (file, lf) in enumerate(units):
         frames.append(
-            lf.select("line", "source_file", "_malformed", *columns).with_columns(
+            lf.select("line", "source_file", "_malformed", *columns, *lists).with_columns(
                 split=split_expr(file, cfg),
                 # A unique, ordered row number across files: keeps the first of duplicates.
                 _row=pl.lit(index, dtype=pl.Int64) * (1 << 40) + pl.col("line"),
             )
         )
-    lf = _normalise(pl.concat(frames), columns, cfg).with_columns(**_measure(columns, cfg))
+    lf = _normalise(pl.concat(frames), columns, cfg, lists).with_columns(**_measure(columns, cfg))
     key = pl.concat_str([pl.col(c) for c in columns], separator="\x1f").hash(seed=0)
     return lf.with_columns(
         drop_reason=_drop_reason(columns, cfg, parallel),
@@ -288,28 +331,36 @@ def clean_corpus(
     src_lang: str | None = None,
     tgt_lang: str | None = None,
 ) -> tuple[Path, dict]:
-    """Clean `files` into `out_dir/corpus.parquet`; return its path and the quality report."""
+    """Clean `files` into `out_dir/corpus.parquet`; return its path and the quality report.
+
+    A parallel corpus whose files carry references (documents/reader sources) gets a `refs`
+    column (see `corpus_schema`)."""
     parallel = kind == "parallel"
     columns = ["src", "tgt"] if parallel else ["text"]
+    lists = (REFS_COLUMN,) if parallel and has_references(files) else ()
     units = scan_corpus(files, kind, src_lang, tgt_lang)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "corpus.parquet"
     stage_path = out_dir / f".stage.parquet.tmp{os.getpid()}"  # scratch, always removed
     try:
         with atomic_path(target) as tmp:
-            _first_pass(units, columns, cfg).sink_parquet(stage_path, compression="lz4")
-            report = _second_pass(stage_path, Path(tmp), files, cfg, parallel)
+            _first_pass(units, columns, cfg, lists).sink_parquet(stage_path, compression="lz4")
+            schema = corpus_schema(kind, bool(lists))
+            report = _second_pass(stage_path, Path(tmp), files, cfg, schema)
     finally:
         stage_path.unlink(missing_ok=True)
     return target, report
 
 
 def _second_pass(
-    stage_path: Path, out_path: Path, files: list[InputFile], cfg: CleanConfig, parallel: bool
+    stage_path: Path,
+    out_path: Path,
+    files: list[InputFile],
+    cfg: CleanConfig,
+    schema: dict[str, pl.DataType],
 ) -> dict:
     """De-duplicate and filter the staged rows into `out_path`; returns the quality report."""
-    columns = ["src", "tgt"] if parallel else ["text"]
-    schema = PARALLEL_SCHEMA if parallel else MONOLINGUAL_SCHEMA
+    columns = ["src", "tgt"] if "src" in schema else ["text"]
     fixes = [f"_fix_{name}" for name, _, _ in normalisation_steps(cfg)]
     lf = _mark_overlap_and_duplicates(stage_path, cfg)
     kept = lf.filter(pl.col("drop_reason").is_null())
@@ -332,12 +383,12 @@ def _second_pass(
     malformed = report["dropped"].get("malformed")
     if malformed and cfg.on_malformed == "error":
         where = "; ".join(
-            f"{ex['source_file']} line {ex['line']}: {str(ex[columns[0]])[:80]!r}"
-            for ex in report["examples"]["malformed"]
+            describe_example(ex, columns[0]) for ex in report["examples"]["malformed"]
         )
         raise CorpusFormatError(
             f"{sum(malformed.values())} malformed row(s) (a tsv row with the wrong number of "
-            f"fields, or a jsonl line that is not an object with the configured keys): "
+            f"fields, a jsonl line that is not an object with the configured keys, or a "
+            f"document or reader row without its source or target): "
             f"{where}. Fix the file or set clean.on_malformed: drop"
         )
     return report

@@ -9,6 +9,7 @@ and the rules that were in force.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from seqmodels.files import atomic_write_text
 
 SPLITS = ("train", "valid", "test")
 _TOP = 10**9  # the last histogram bin is open-ended
+# The start of a malformed prepared document or reader row: {"member": "...", "problem": "..."
+_DOCUMENT_ROW = re.compile(r'^\{"member": ("(?:[^"\\]|\\.)*"), "problem": ("(?:[^"\\]|\\.)*")')
 HISTOGRAM_EDGES = {
     "chars": [0, 10, 20, 40, 80, 160, 320, 640, 1280, _TOP],
     "words": [0, 1, 3, 6, 12, 25, 50, 100, 200, _TOP],
@@ -72,6 +75,32 @@ def build_report(
     }
 
 
+def document_origin(example: dict[str, Any], column: str) -> str | None:
+    """`member <path>: <problem>` for a malformed row of a prepared documents/reader file,
+    else None.
+
+    Such a row keeps its raw JSON line, which begins with the member and the problem (see
+    seqmodels.data.documents); they are read with a pattern, not a JSON parser, because the
+    line went through normalisation (an unescaped `&quot;` may have broken the JSON later on).
+    """
+    match = _DOCUMENT_ROW.match(str(example.get(column)))
+    if match is None:
+        return None
+    try:
+        member, problem = json.loads(match[1]), json.loads(match[2])
+    except ValueError:
+        return None
+    return f"member {member}: {problem}"
+
+
+def describe_example(example: dict[str, Any], column: str) -> str:
+    """Where a dropped row came from (file and line, or archive member) and what it holds."""
+    origin = document_origin(example, column)
+    if origin is not None:
+        return f"{example['source_file']} {origin}"
+    return f"{example['source_file']} line {example['line']}: {str(example[column])[:80]!r}"
+
+
 def _lengths(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for c in columns:
@@ -107,7 +136,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         for ex in report["examples"].get(reason, []):
             text = " ||| ".join(str(ex[c]) for c in ("text", "src", "tgt") if c in ex)
             name = ex["source_file"].rsplit("/", 1)[-1]
-            lines.append(f"  - `{name}:{ex['line']}` {text[:120]!r}")
+            origin = document_origin(ex, "src") if "src" in ex else None
+            lines.append(f"  - `{name}:{ex['line']}` {origin or repr(text[:120])}")
     lines += ["", "## Rows changed by normalisation", ""]
     if not report["changed_by_normalisation"]:
         lines.append("No rows changed.")

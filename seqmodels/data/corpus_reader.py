@@ -4,12 +4,14 @@ Formats (after `textfile.prepare_text_file` made them UTF-8 with LF line ends):
 - text: one segment per line; a parallel corpus pairs two line-aligned files (Moses style);
 - tsv: tab-separated fields without quoting (OPUS/Moses TSV); the first row is the header
   unless the config names the columns;
-- jsonl: one JSON object per line; `fields` names the keys.
+- jsonl: one JSON object per line; `fields` names the keys;
+- documents / reader: prepared by `documents.prepare_documents` into one jsonl file per split
+  whose keys are the roles `src`, `tgt` (not languages) and `refs` (extra references).
 
 Every frame has `line` (1-based line number in its file), `source_file` (the URL), the segment
-columns (`text`, or `src` and `tgt`) and `_malformed`: true for a non-blank tsv/jsonl line
-that lacks a field, so the cleaner can report it by file and line instead of failing deep in
-Polars.
+columns (`text`, or `src` and `tgt`, plus `refs` when a file of the corpus has references) and
+`_malformed`: true for a non-blank tsv/jsonl line that lacks a field, so the cleaner can report
+it by file and line instead of failing deep in Polars.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from pathlib import Path
 import polars as pl
 
 from seqmodels.data.archive import extract_member
-from seqmodels.data.settings import CorpusConfig
+from seqmodels.data.documents import PreparedSplit, prepare_documents, prepared_folder_key
+from seqmodels.data.settings import PAIR_FORMATS, CorpusConfig, SourceFile
 from seqmodels.data.textfile import TextFileStats, prepare_text_file, read_text_stats
+
+# The keys of a prepared documents/reader file: roles, not languages.
+ROLE_FIELDS = {"src": "src", "tgt": "tgt"}
+REFS_TYPE = pl.List(pl.String)
 
 
 @dataclass
@@ -37,6 +44,7 @@ class InputFile:
     fields: dict[str, str] = field(default_factory=dict)
     columns: list[str] | None = None
     sha256: str | None = None
+    references: int = 0  # jsonl with a `refs` list of up to this many references; 0: none
 
 
 class AlignmentError(ValueError):
@@ -51,43 +59,75 @@ def prepare_inputs(raw_paths: list[Path], corpus: CorpusConfig, work_dir: Path) 
     """Extract (archives), decompress and normalise each downloaded file once.
 
     `raw_paths` are the cache paths of `corpus.files`, `cache/<sha256>/<name>`. Prepared
-    text goes to `work_dir/text/<sha256>-<member>-<max_lines>/`, so it is shared by runs.
+    text goes to `work_dir/text/<sha256>-<max_lines>[-<member>]/`, documents and reader rows
+    to `work_dir/text/<sha256>-<format>-<max_lines>-<recipe digest>/` (one jsonl file per
+    split), so both are shared by runs.
     """
     inputs = []
     for raw, source in zip(raw_paths, corpus.files, strict=True):
-        raw = Path(raw)
-        digest = raw.parent.name
-        folder = Path(work_dir) / "text" / f"{digest}-{corpus.max_lines or 'all'}"
-        if source.member:
-            member = Path(source.member)
-            folder = folder.with_name(folder.name + "-" + source.member.replace("/", "_"))
-            extracted = folder / "member" / member.name
-            if not extracted.exists():
-                extract_member(raw, source.member, extracted)
-            raw, name = extracted, member.name
+        if source.format in PAIR_FORMATS:
+            inputs += prepare_pair_source(Path(raw), source, corpus.max_lines, Path(work_dir))
         else:
-            name = raw.name
-        for suffix in (".gz", ".bz2", ".xz"):
-            name = name.removesuffix(suffix)
-        text = folder / name
-        if text.exists():
-            stats = read_text_stats(text)
-        else:
-            stats = prepare_text_file(raw, text, max_lines=corpus.max_lines)
-        inputs.append(
-            InputFile(
-                text,
-                source.url,
-                source.split,
-                source.lang,
-                stats,
-                source.format,
-                dict(source.fields),
-                source.columns,
-                digest,
-            )
-        )
+            inputs.append(prepare_text_source(Path(raw), source, corpus.max_lines, Path(work_dir)))
     return inputs
+
+
+def prepare_text_source(
+    raw: Path, source: SourceFile, max_lines: int | None, work_dir: Path
+) -> InputFile:
+    """A text/tsv/jsonl file (or archive member), decompressed and normalised."""
+    digest = raw.parent.name
+    folder = work_dir / "text" / f"{digest}-{max_lines or 'all'}"
+    if source.member:
+        member = Path(source.member)
+        folder = folder.with_name(folder.name + "-" + source.member.replace("/", "_"))
+        extracted = folder / "member" / member.name
+        if not extracted.exists():
+            extract_member(raw, source.member, extracted)
+        raw, name = extracted, member.name
+    else:
+        name = raw.name
+    for suffix in (".gz", ".bz2", ".xz"):
+        name = name.removesuffix(suffix)
+    text = folder / name
+    if text.exists():
+        stats = read_text_stats(text)
+    else:
+        stats = prepare_text_file(raw, text, max_lines=max_lines)
+    return InputFile(
+        text,
+        source.url,
+        source.split,
+        source.lang,
+        stats,
+        source.format,
+        dict(source.fields),
+        source.columns,
+        digest,
+    )
+
+
+def prepare_pair_source(
+    raw: Path, source: SourceFile, max_lines: int | None, work_dir: Path
+) -> list[InputFile]:
+    """A documents archive or a reader's rows: one role-keyed jsonl InputFile per split."""
+    digest = raw.parent.name
+    folder = work_dir / "text" / f"{digest}-{prepared_folder_key(source, max_lines)}"
+    prepared: list[PreparedSplit] = prepare_documents(raw, source, max_lines, folder)
+    return [
+        InputFile(
+            p.path,
+            source.url,
+            p.split,
+            source.lang,
+            p.stats,
+            "jsonl",
+            dict(ROLE_FIELDS),
+            sha256=digest,
+            references=p.references,
+        )
+        for p in prepared
+    ]
 
 
 def line_count(path: Path) -> int:
@@ -132,6 +172,9 @@ def _jsonl_frame(file: InputFile, roles: dict[str, str]) -> pl.LazyFrame:
     lf = _scan_lines(file.path, "_raw").with_columns(
         **{out: pl.col("_raw").str.json_path_match(path_of(key)) for out, key in roles.items()}
     )
+    if file.references:
+        refs = pl.col("_raw").str.json_path_match("$.refs").str.json_decode(REFS_TYPE)
+        lf = lf.with_columns(refs=refs.fill_null(_no_refs()))
     missing_field = pl.any_horizontal([pl.col(out).is_null() for out in roles])
     lf = lf.with_columns(_malformed=missing_field & (pl.col("_raw").str.strip_chars() != ""))
     return _fill_malformed(lf, roles)
@@ -148,6 +191,15 @@ def _fill_malformed(lf: pl.LazyFrame, roles: dict[str, str]) -> pl.LazyFrame:
             for out in roles
         }
     ).drop("_raw")
+
+
+def _no_refs() -> pl.Expr:
+    return pl.lit([], dtype=REFS_TYPE)
+
+
+def has_references(files: list[InputFile]) -> bool:
+    """Whether the cleaned corpus gets a `refs` column (some file carries references)."""
+    return any(f.references for f in files)
 
 
 def scan_file(file: InputFile, roles: dict[str, str]) -> pl.LazyFrame:
@@ -186,7 +238,10 @@ def scan_corpus(
     units = []
     for f in files:
         if f.format != "text":
-            roles = {"src": f.fields[src_lang or ""], "tgt": f.fields[tgt_lang or ""]}
+            if set(f.fields) == {src_lang, tgt_lang}:
+                roles = {"src": f.fields[src_lang or ""], "tgt": f.fields[tgt_lang or ""]}
+            else:  # prepared documents/reader rows are keyed by role (src_lang may be tgt_lang)
+                roles = {"src": f.fields["src"], "tgt": f.fields["tgt"]}
             units.append((f, scan_file(f, roles)))
     text_files = [f for f in files if f.format == "text"]
     for split in dict.fromkeys(f.split for f in text_files):
@@ -198,4 +253,7 @@ def scan_corpus(
                 f"file, got {len(src)} and {len(tgt)}"
             )
         units.append((src[0], scan_text_pair(src[0], tgt[0])))
+    if has_references(files):
+        # Every frame gets the column, so they concatenate: no references is an empty list.
+        units = [(f, lf if f.references else lf.with_columns(refs=_no_refs())) for f, lf in units]
     return units

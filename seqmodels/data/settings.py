@@ -5,11 +5,50 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from seqmodels.settings import Settings
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+LINE_FORMATS = ("text", "tsv", "jsonl")  # one segment (or pair) per line of one file
+PAIR_FORMATS = ("documents", "reader")  # (src, tgt) pairs without language keys: need no fields
+SPLIT_PLACEHOLDER = "{split}"
+DEFAULT_MAX_REFERENCES = 4
+
+
+class DocumentLayout(Settings):
+    """An archive of one document per member, each split into sections by marker lines.
+
+    AESLC: `<body>\n\n@subject\n<subject>\n\n@ann0\n<reference>...`: a line that is exactly
+    `marker + name` starts section `name`; the text before the first marker is `body`.
+    """
+
+    # Glob of member paths (`*` and `?` stay within one folder, `**` crosses folders);
+    # `{split}` matches one folder name, looked up in `splits`.
+    members: str = Field(min_length=1)
+    # Folder name matched by {split} -> split; folders not named here are ignored.
+    splits: dict[str, Literal["train", "valid", "test"]] = {}
+    marker: str = Field(default="@", min_length=1)
+    body: str = Field(default="body", min_length=1)  # the name of the text before any marker
+    source: str = Field(default="body", min_length=1)  # section read as `src`
+    target: str = Field(min_length=1)  # section read as `tgt`; a document without it is malformed
+    references: list[str] = []  # sections read as extra human references (`refs`), in order
+
+    @model_validator(mode="after")
+    def _sections_and_splits_fit(self) -> DocumentLayout:
+        names = [self.source, self.target, *self.references]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source, target and references must differ, got {names}")
+        if self.body in (self.target, *self.references):
+            raise ValueError(f"body {self.body!r} is the text before any marker: not a section")
+        placeholders = self.members.count(SPLIT_PLACEHOLDER)
+        if placeholders > 1:
+            raise ValueError(f"members: {SPLIT_PLACEHOLDER} may appear once, in {self.members!r}")
+        if placeholders and not self.splits:
+            raise ValueError(f"members has {SPLIT_PLACEHOLDER}: map its folders with `splits`")
+        if self.splits and not placeholders:
+            raise ValueError(f"`splits` needs {SPLIT_PLACEHOLDER} in members {self.members!r}")
+        return self
 
 
 class SourceFile(Settings):
@@ -19,11 +58,21 @@ class SourceFile(Settings):
     lang: str | None = None  # parallel text files: which side this file holds
     member: str | None = None  # zip/tar archives: the path of the corpus file inside
     # text: one segment per line. tsv: tab-separated fields, no quoting (first row is the
-    # header unless `columns` names them). jsonl: one JSON object per line.
-    format: Literal["text", "tsv", "jsonl"] = "text"
+    # header unless `columns` names them). jsonl: one JSON object per line. documents: an
+    # archive of one document per member, laid out as `documents` says. reader: a Python
+    # function (`reader`) turns the downloaded file into rows.
+    format: Literal["text", "tsv", "jsonl", "documents", "reader"] = "text"
     # tsv/jsonl: column or key of each side, {text: ...} or {<src_lang>: ..., <tgt_lang>: ...}
     fields: dict[str, str] = {}
     columns: list[str] | None = None  # tsv without a header row: the column names, in order
+    # Validated with their defaults too, so a missing block is an error at its own field.
+    documents: DocumentLayout | None = Field(default=None, validate_default=True)
+    # "package.module:function", called as function(path, source_file); it yields dicts
+    # {split?, src, tgt, refs?} (checked by seqmodels.data.documents.check_row)
+    reader: str | None = Field(default=None, validate_default=True)
+    # reader rows: the most `refs` a row may have (None: DEFAULT_MAX_REFERENCES). None, not 4,
+    # for other formats, so a dumped config (model_dump) validates again.
+    max_references: int | None = Field(default=None, ge=0)
 
     @field_validator("sha256")
     @classmethod
@@ -34,16 +83,58 @@ class SourceFile(Settings):
                 raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
         return value
 
+    @field_validator("documents")
+    @classmethod
+    def _documents_iff_format(
+        cls, value: DocumentLayout | None, info: ValidationInfo
+    ) -> DocumentLayout | None:
+        if "format" not in info.data:
+            return value  # the format's own error says what is wrong
+        fmt = info.data["format"]
+        if fmt == "documents" and value is None:
+            raise ValueError("format documents needs a `documents:` block (members, target, ...)")
+        if fmt != "documents" and value is not None:
+            raise ValueError(f"`documents` is for format documents, not {fmt}")
+        return value
+
+    @field_validator("reader")
+    @classmethod
+    def _reader_iff_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "format" not in info.data:
+            return value
+        fmt = info.data["format"]
+        if fmt == "reader" and value is None:
+            raise ValueError("format reader needs `reader: package.module:function`")
+        if fmt != "reader" and value is not None:
+            raise ValueError(f"`reader` is for format reader, not {fmt}")
+        if value is not None:
+            module, _, function = value.partition(":")
+            dotted = [*module.split("."), function]
+            if not all(part.isidentifier() for part in dotted):
+                raise ValueError(f"reader must be 'package.module:function', got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _format_fits(self) -> SourceFile:
         is_archive = self.url.lower().endswith(ARCHIVE_SUFFIXES)
-        if is_archive and not self.member:
+        if self.format == "documents" and not is_archive:
+            raise ValueError(f"{self.url}: format documents reads a zip/tar archive")
+        if self.format in PAIR_FORMATS and self.member:
+            raise ValueError(
+                f"{self.url}: `member` is not used by format {self.format} "
+                "(documents.members selects the members; a reader opens the archive itself)"
+            )
+        if self.documents and self.documents.splits and self.split:
+            raise ValueError(f"{self.url}: `split` is set, but documents.splits maps the folders")
+        if self.max_references is not None and self.format != "reader":
+            raise ValueError(f"{self.url}: `max_references` is for format reader")
+        if is_archive and not self.member and self.format in LINE_FORMATS:
             raise ValueError(f"{self.url} is an archive: name the corpus file in it with `member`")
         if self.member and not is_archive:
             raise ValueError(f"{self.url}: `member` is only for zip/tar archives")
-        if self.format == "text" and self.fields:
-            raise ValueError(f"{self.url}: `fields` is for tsv/jsonl files")
-        if self.format != "text" and not self.fields:
+        if self.format not in ("tsv", "jsonl") and self.fields:
+            raise ValueError(f"{self.url}: `fields` is for tsv/jsonl files, not {self.format}")
+        if self.format in ("tsv", "jsonl") and not self.fields:
             raise ValueError(f"{self.url}: a {self.format} file needs `fields`")
         if self.columns is not None and self.format != "tsv":
             raise ValueError(f"{self.url}: `columns` is for tsv files")
@@ -59,24 +150,37 @@ class CorpusConfig(Settings):
     files: list[SourceFile] = Field(min_length=1)
     src_lang: str | None = None
     tgt_lang: str | None = None
-    max_lines: int | None = Field(default=None, gt=0)  # first N lines of every file: quick runs
+    # First N lines of every file (documents/reader: first N documents or rows of each split):
+    # quick runs.
+    max_lines: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _sides_are_named(self) -> CorpusConfig:
         if self.kind == "monolingual":
             for f in self.files:
+                if f.format in PAIR_FORMATS:
+                    raise ValueError(f"file {f.url}: format {f.format} gives (src, tgt) pairs")
                 if f.format != "text" and set(f.fields) != {"text"}:
                     raise ValueError(f"file {f.url}: fields must be {{text: <column>}}")
             return self
         if not self.src_lang or not self.tgt_lang:
             raise ValueError("a parallel corpus needs src_lang and tgt_lang")
+        if self.src_lang == self.tgt_lang:
+            # Only files that name their sides by role (documents, reader) can tell the two
+            # apart; a language-keyed file or a pair of text files could not.
+            keyed = [f.url for f in self.files if f.format in LINE_FORMATS]
+            if keyed:
+                raise ValueError(
+                    f"src_lang and tgt_lang are both {self.src_lang!r}: files {keyed} are keyed "
+                    "by language; only documents/reader files may have one language"
+                )
         sides = {self.src_lang, self.tgt_lang}
         for f in self.files:
             if f.format == "text" and f.lang not in sides:
                 raise ValueError(
                     f"file {f.url}: lang must be {self.src_lang!r} or {self.tgt_lang!r}"
                 )
-            if f.format != "text" and set(f.fields) != sides:
+            if f.format in ("tsv", "jsonl") and set(f.fields) != sides:
                 raise ValueError(f"file {f.url}: fields must name exactly {sorted(sides)}")
         # Line-aligned text files pair up per split: one file per side.
         for split in {f.split for f in self.files if f.format == "text"}:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -12,8 +13,9 @@ import sentencepiece as spm
 from seqmodels import EOS_ID
 
 
-def read_split(parquet_path: Path, split: str, columns: list[str]) -> dict[str, list[str]]:
-    """The rows of one split, in corpus order, as {column: [text, ...]}."""
+def read_split(parquet_path: Path, split: str, columns: list[str]) -> dict[str, list[Any]]:
+    """The rows of one split, in corpus order, as {column: [text, ...]}; a list column (`refs`,
+    the extra references of a summarisation corpus) gives one list of strings per row."""
     table = pq.read_table(parquet_path, columns=["id", "split", *columns])
     table = table.filter(pc.equal(table["split"], split)).sort_by("id")
     return {c: table[c].to_pylist() for c in columns}
