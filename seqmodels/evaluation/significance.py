@@ -4,8 +4,12 @@ Translation uses sacreBLEU's paired bootstrap resampling (the Moses
 `bootstrap-hypothesis-difference-significance.pl` procedure). Language models get the same
 procedure over test lines: resample lines with replacement, recompute bits per character of
 both models on each resample, and ask how often the (centred) resampled difference is at least
-as large as the observed one. Both p-values are two-sided; "the challenger wins" means it is
-better on the full test set and p < alpha.
+as large as the observed one. Any metric that is a mean of per-example scores (ROUGE F1 per
+summary) gets the same test through `compare_mean_scores`. All p-values are two-sided; "the
+challenger wins" means it is better on the full test set and p < alpha.
+
+Every bootstrap here draws its resamples from `bootstrap_indices`, with one fixed seed, so the
+intervals and tests of one test set are reproducible and resample the same examples.
 """
 
 from __future__ import annotations
@@ -82,12 +86,39 @@ def compare_translations(
     )
 
 
+def bootstrap_indices(n_items: int, n_samples: int = N_SAMPLES) -> np.ndarray:
+    """Item indices of `n_samples` resamples with replacement, shape (n_samples, n_items).
+
+    Always seeded with SEED: the same test set is resampled the same way by every interval and
+    paired test, so reruns give the same numbers.
+    """
+    if n_items < 1:
+        raise ValueError("cannot bootstrap an empty test set")
+    return np.random.default_rng(SEED).integers(0, n_items, size=(n_samples, n_items))
+
+
+def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of bootstrap replicates."""
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def mean_interval(scores: np.ndarray, n_samples: int = N_SAMPLES) -> tuple[float, float]:
+    """95% bootstrap (percentile) confidence interval of the mean of per-example scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return percentile_interval(scores[bootstrap_indices(len(scores), n_samples)].mean(axis=1))
+
+
+def paired_p_value(observed: float, resampled_a: np.ndarray, resampled_b: np.ndarray) -> float:
+    """Two-sided p of the paired bootstrap: how often the centred resampled absolute difference
+    reaches the observed one. Centring makes the replicates follow the null hypothesis (no
+    difference) while keeping their spread; +1 on both sides keeps p above zero."""
+    diffs = np.abs(resampled_a - resampled_b)
+    centred = diffs - diffs.mean()
+    return float((np.sum(centred >= observed) + 1) / (len(diffs) + 1))
+
+
 def _resampled_bpc(line_nll: np.ndarray, chars: np.ndarray, index: np.ndarray) -> np.ndarray:
     return line_nll[index].sum(axis=1) / math.log(2) / chars[index].sum(axis=1)
-
-
-def _indices(n_lines: int, n_samples: int) -> np.ndarray:
-    return np.random.default_rng(SEED).integers(0, n_lines, size=(n_samples, n_lines))
 
 
 def bits_per_char_interval(
@@ -95,9 +126,9 @@ def bits_per_char_interval(
 ) -> tuple[float, float]:
     """95% bootstrap (percentile) confidence interval of bits per character over lines."""
     samples = _resampled_bpc(
-        np.asarray(line_nll), np.asarray(chars), _indices(len(chars), n_samples)
+        np.asarray(line_nll), np.asarray(chars), bootstrap_indices(len(chars), n_samples)
     )
-    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+    return percentile_interval(samples)
 
 
 def compare_language_models(
@@ -111,20 +142,43 @@ def compare_language_models(
     chars = np.asarray(chars)
     if not (len(challenger_nll) == len(champion_nll) == len(chars)):
         raise ValueError("both models must be scored on the same test lines")
-    index = _indices(len(chars), n_samples)
+    index = bootstrap_indices(len(chars), n_samples)
     a = _resampled_bpc(challenger_nll, chars, index)
     b = _resampled_bpc(champion_nll, chars, index)
     total = chars.sum() * math.log(2)
-    observed = abs(challenger_nll.sum() / total - champion_nll.sum() / total)
-    diffs = np.abs(a - b)
-    centred = diffs - diffs.mean()
-    p_value = (np.sum(centred >= observed) + 1) / (n_samples + 1)
+    challenger, champion = challenger_nll.sum() / total, champion_nll.sum() / total
     return Comparison(
         "test_bits_per_char",
-        float(challenger_nll.sum() / total),
-        float(champion_nll.sum() / total),
-        float(p_value),
-        (float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))),
-        (float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))),
+        float(challenger),
+        float(champion),
+        paired_p_value(abs(challenger - champion), a, b),
+        percentile_interval(a),
+        percentile_interval(b),
+        n_samples,
+    )
+
+
+def compare_mean_scores(
+    challenger: np.ndarray, champion: np.ndarray, metric: str, n_samples: int = N_SAMPLES
+) -> Comparison:
+    """Paired bootstrap over test examples of a metric that is the mean of per-example scores
+    (e.g. ROUGE F1). The test is two-sided: whether higher is better is the caller's decision
+    (see promotion.decide)."""
+    challenger = np.asarray(challenger, dtype=np.float64)
+    champion = np.asarray(champion, dtype=np.float64)
+    if len(challenger) != len(champion):
+        raise ValueError(
+            f"both systems must be scored on the same test examples: "
+            f"{len(challenger)} challenger scores, {len(champion)} champion scores"
+        )
+    index = bootstrap_indices(len(challenger), n_samples)
+    a, b = challenger[index].mean(axis=1), champion[index].mean(axis=1)
+    return Comparison(
+        metric,
+        float(challenger.mean()),
+        float(champion.mean()),
+        paired_p_value(abs(challenger.mean() - champion.mean()), a, b),
+        percentile_interval(a),
+        percentile_interval(b),
         n_samples,
     )
