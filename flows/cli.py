@@ -24,6 +24,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 DEFAULT_CONFIG = Path("configs/default.yaml")
 MT_MODEL = "models:/mt-multi30k-de-en@champion"
 LM_MODEL = "models:/lm-shakespeare@champion"
+SUM_MODEL = "models:/sum-aeslc@champion"
 CHUNK_LINES = 256  # lines per predict call: outputs stream out while a long input is read
 
 # Metrics shown in the summary table, in this order, when a model has them.
@@ -33,12 +34,16 @@ SHOWN_METRICS = (
     "test_ppl_per_token",
     "test_bleu",
     "test_chrf",
+    "test_rouge1",
+    "test_rouge2",
+    "test_rougeL",
 )
 
 
 @app.callback()
 def main() -> None:
-    """seqmodels: corpus URL to an evaluated, registered language or translation model."""
+    """seqmodels: corpus URL to an evaluated, registered language, translation or
+    summarisation model."""
 
 
 def _quiet_telemetry() -> None:
@@ -68,7 +73,7 @@ def results_table(rows: list[dict]) -> Table:
             row["model"],
             metrics,
             row["run_id"],
-            row["version"],
+            row["version"] or "baseline",
             "champion" if row["champion"] else "",
         )
     return table
@@ -130,8 +135,8 @@ def _check_store(tracking_uri: str) -> None:
 
 
 def _load_model(model_uri: str, tracking_uri: str, natural_task: str):
-    """The pyfunc behind `model_uri`; exits 2 when it is missing or of the other kind
-    (`natural_task` is "translate" for translation models, "generate" for language models)."""
+    """The pyfunc behind `model_uri`; exits 2 when it is missing or of another kind
+    (`natural_task`: "translate", "summarize" or "generate", see NATURAL_TASKS)."""
     _quiet_telemetry()
     _check_store(tracking_uri)
     import mlflow
@@ -174,17 +179,18 @@ def _load_transformers_model(model_uri: str, info, natural_task: str):
     pipeline's files and the seqmodels metadata logged with them."""
     import mlflow
 
-    from seqmodels.models.folder import load_exported_predictor
+    from seqmodels.models.folder import NATURAL_TASKS, load_exported_predictor
     from tasks.pyfunc_model import SeqModelPyfunc
     from tasks.registry import METADATA_KEY, exported_folder
 
     meta = (info.metadata or {}).get(METADATA_KEY)
     if meta is None:
         _fail(f"{model_uri} is a transformers model not logged by seqmodels: no {METADATA_KEY}")
-    kind = "translate" if meta["task"] == "translation" else "generate"
+    kind = NATURAL_TASKS.get(meta["task"], "generate")
     _check_natural_task(model_uri, kind, natural_task)
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     pyfunc = SeqModelPyfunc()
+    pyfunc.default_task = kind
     pyfunc.predictor = load_exported_predictor(
         exported_folder(local, info.flavors["transformers"]), meta
     )
@@ -202,11 +208,18 @@ class LoadedPredictor:
         return self.pyfunc.predict(None, lines, params)
 
 
+# A model's natural task -> (what it is called, the commands that use it).
+MODEL_KINDS = {
+    "translate": ("translation", "translate"),
+    "summarize": ("summarization", "summarize"),
+    "generate": ("language", "generate or score"),
+}
+
+
 def _check_natural_task(model_uri: str, default: str, natural_task: str) -> None:
     """Exit 2 when the model's natural task is not the command's."""
     if default != natural_task:
-        kind = "translation" if default == "translate" else "language"
-        command = "translate" if default == "translate" else "generate or score"
+        kind, command = MODEL_KINDS.get(default, ("language", "generate or score"))
         _fail(f"{model_uri} is a {kind} model: use `seqmodels {command}`")
 
 
@@ -261,6 +274,19 @@ def translate(
     for source, translation in _predict_lines(loaded, input_file, {"task": "translate"}):
         # An empty line stays empty rather than becoming whatever the model makes of nothing.
         print(_one_line(translation) if source.strip() else "", flush=True)
+
+
+@app.command()
+def summarize(
+    model: str = typer.Option(SUM_MODEL, "--model", "-m", help=MODEL_HELP),
+    input_file: Path | None = INPUT_OPTION,
+    tracking_uri: str | None = URI_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Summarise each input line (one document per line); one summary per line on stdout."""
+    loaded = _load_model(model, _tracking_uri(tracking_uri, config), "summarize")
+    for source, summary in _predict_lines(loaded, input_file, {"task": "summarize"}):
+        print(_one_line(summary) if source.strip() else "", flush=True)
 
 
 @app.command()

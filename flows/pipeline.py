@@ -26,6 +26,7 @@ from seqmodels.config import PipelineConfig, load_config
 from seqmodels.evaluation.promotion import CHAMPION
 from seqmodels.files import file_sha256
 from tasks.data import workspace_id
+from tasks.modeling import evaluate_lead_baseline
 from tasks.tracking import (
     code_commit,
     experiment_id,
@@ -53,7 +54,7 @@ def experiment_flow(
     data = clean_stage(
         experiment, raw_paths, exp.corpus, exp.clean, work_dir, workspace, refresh_cache
     )
-    columns = ["src", "tgt"] if exp.task == "translation" else ["text"]
+    columns = exp.text_columns
     spm_model = None  # every model brings its tokenizer: no SentencePiece model to train
     if exp.needs_sentencepiece:
         spm_model = vocab_stage(
@@ -102,6 +103,9 @@ def experiment_flow(
         rows = evaluate_register_stage(
             experiment, exp, trained, data["parquet"], tracking_uri, lineage
         )
+        if exp.evaluation.lead_words is not None:  # scored like a model, never registered
+            baseline = evaluate_lead_baseline(exp, data["parquet"], tracking_uri, exp_id, parent_id)
+            rows.append({"experiment": experiment, **baseline})
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -140,7 +144,7 @@ def summary_markdown(
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['metrics'][primary_metric]:.4f} | {r['version']} | "
+            f"| {r['model']} | {r['metrics'][primary_metric]:.4f} | {r['version'] or 'baseline'} | "
             f"{'yes' if r['champion'] else ''} | {link(r['run_id'])} |"
         )
     return "\n".join(lines) + "\n"

@@ -78,14 +78,25 @@ def parse_model_spec(data: dict[str, Any]):
 
 
 # The experiment task -> the kind of family it trains.
-TASK_FAMILIES = {"language_model": LANGUAGE_MODEL, "translation": SEQUENCE_TO_SEQUENCE}
+TASK_FAMILIES = {
+    "language_model": LANGUAGE_MODEL,
+    "translation": SEQUENCE_TO_SEQUENCE,
+    "summarization": SEQUENCE_TO_SEQUENCE,
+}
+# Tasks that read a parallel corpus (src -> tgt) and decode with beam search.
+SEQ2SEQ_TASKS = ("translation", "summarization")
 
 
 class EvaluationConfig(Settings):
+    # Decoding of sequence-to-sequence models: beam search (greedy with beam_size 1); output
+    # at most max_len_a * source tokens + max_len_b tokens (a summary: max_len_a 0, a fixed
+    # max_len_b), at least min_len; GNMT length penalty alpha; no n-gram of this size twice.
     beam_size: int = Field(default=5, ge=1)
-    max_len_a: float = 1.2
-    max_len_b: int = 10
+    max_len_a: float = Field(default=1.2, ge=0.0)
+    max_len_b: int = Field(default=10, ge=0)
+    min_len: int = Field(default=0, ge=0)
     length_penalty: float = 1.0
+    no_repeat_ngram_size: int = Field(default=0, ge=0)  # 0: off
     batch_size: int = Field(default=64, ge=1)
     sample_prompts: list[str] = ["ROMEO:"]  # LM samples logged as artefacts
     sample_tokens: int = 60
@@ -93,10 +104,14 @@ class EvaluationConfig(Settings):
     # Promotion: a challenger must beat the champion with a paired bootstrap p below this.
     significance_level: float = Field(default=0.05, gt=0.0, le=1.0)
     bootstrap_samples: int = Field(default=1000, ge=100)
+    # Summarisation: the ROUGE F1 (single reference) promotion decides by, and the lead
+    # baseline (the first N words of the source) scored beside the models; None: no baseline.
+    rouge_metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
+    lead_words: int | None = Field(default=None, gt=0)
 
 
 class ExperimentConfig(Settings):
-    task: Literal["language_model", "translation"]
+    task: Literal["language_model", "translation", "summarization"]
     corpus: CorpusConfig
     clean: CleanConfig = CleanConfig()
     vocab: VocabConfig = VocabConfig()
@@ -118,8 +133,10 @@ class ExperimentConfig(Settings):
                 family.preflight(spec.architecture)
             except ValueError as exc:
                 raise ValueError(f"model {name!r}: {exc}") from None
-        if (self.task == "translation") != (self.corpus.kind == "parallel"):
+        if (self.task in SEQ2SEQ_TASKS) != (self.corpus.kind == "parallel"):
             raise ValueError(f"task {self.task!r} does not fit a {self.corpus.kind} corpus")
+        if self.evaluation.lead_words is not None and self.task != "summarization":
+            raise ValueError("evaluation.lead_words: the lead baseline is for summarization")
         scored = {FAMILIES[spec.type].metric_prefix: spec.type for spec in self.models.values()}
         if len(scored) > 1:
             raise ValueError(
@@ -131,10 +148,13 @@ class ExperimentConfig(Settings):
 
     @property
     def primary_metric(self) -> str:
-        """What promotion decides by: BLEU, or bits per character (a masked LM's
-        pseudo-log-likelihood one, test_pll_bits_per_char, for an experiment of masked LMs)."""
+        """What promotion decides by: BLEU, ROUGE F1 (evaluation.rouge_metric) or bits per
+        character (a masked LM's pseudo-log-likelihood one, test_pll_bits_per_char, for an
+        experiment of masked LMs)."""
         if self.task == "translation":
             return "test_bleu"
+        if self.task == "summarization":
+            return f"test_{self.evaluation.rouge_metric}"
         prefix = FAMILIES[next(iter(self.models.values())).type].metric_prefix
         return f"test_{prefix}bits_per_char"
 
@@ -146,7 +166,12 @@ class ExperimentConfig(Settings):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.task == "translation"
+        return self.task in SEQ2SEQ_TASKS
+
+    @property
+    def text_columns(self) -> list[str]:
+        """The Parquet columns the models read (and the vocabulary is trained on)."""
+        return ["src", "tgt"] if self.task in SEQ2SEQ_TASKS else ["text"]
 
 
 class PipelineConfig(Settings):

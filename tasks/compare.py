@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from prefect import task
 
 from seqmodels.evaluation.comparison import (
+    BASELINE,
     CURVES,
     VersionRecord,
     build_comparison,
@@ -68,6 +69,32 @@ def version_records(client: MlflowClient, name: str) -> list[VersionRecord]:
     return records
 
 
+def baseline_records(client: MlflowClient, name: str) -> list[VersionRecord]:
+    """The newest run of each baseline (tag stage=baseline, e.g. the lead-N summariser) in
+    experiment `name`, as records of version "baseline": listed beside the versions."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.stage = 'baseline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    newest: dict[str, VersionRecord] = {}
+    for run in runs:
+        newest.setdefault(
+            run.info.run_name,
+            {
+                "version": BASELINE,
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "run_tags": dict(run.data.tags),
+                "metrics": dict(run.data.metrics),
+            },
+        )
+    return list(newest.values())
+
+
 @task(name="compare-versions", timeout_seconds=1800)
 def compare_versions(
     name: str, tracking_uri: str, out_dir: str, primary_metric: str | None = None
@@ -78,7 +105,8 @@ def compare_versions(
     the MLflow run (tag stage=compare) that holds them as artifacts under `comparison/`.
     """
     client = mlflow_client(tracking_uri)
-    comparison = build_comparison(name, version_records(client, name), primary_metric)
+    records = version_records(client, name) + baseline_records(client, name)
+    comparison = build_comparison(name, records, primary_metric)
     files = write_report(comparison, Path(out_dir), tracking_uri)
     exp_id = experiment_id(client, name, tracking_uri)
     run = client.create_run(

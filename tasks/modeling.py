@@ -16,7 +16,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from seqmodels.config import ExperimentConfig, ModelSpec
-from seqmodels.evaluation.scoring import evaluate_model, metrics_markdown, outputs_record
+from seqmodels.evaluation.scoring import (
+    EvaluationResult,
+    LeadBaseline,
+    evaluate_model,
+    evaluate_predictor,
+    metrics_markdown,
+    outputs_record,
+)
 from seqmodels.files import atomic_write_text, json_digest
 from seqmodels.models.folder import folder_from_export, model_lineage, train_model
 from seqmodels.training.progress import TrainingProgress
@@ -214,21 +221,27 @@ def evaluate_model_run(
     started = time.perf_counter()
     result = evaluate_model(Path(trained["model_dir"]), Path(parquet), experiment)
     result.metrics["eval_time_s"] = time.perf_counter() - started
-    for key, value in result.metrics.items():
-        client.log_metric(run_id, key, value)
-    for key, signature in result.signatures.items():
-        client.set_tag(run_id, f"sacrebleu.{key}.signature", signature)
-    client.set_tag(run_id, "test_set_digest", result.test_digest)
     outputs_path = Path(trained["model_dir"]) / "evaluation" / "outputs.json"
     atomic_write_text(outputs_path, json.dumps(outputs_record(result)))
+    log_evaluation(client, run_id, model_name, result)
     client.log_artifact(run_id, str(outputs_path), "evaluation")
+    return {"metrics": result.metrics, "outputs_path": str(outputs_path)}
+
+
+def log_evaluation(client, run_id: str, model_name: str, result: EvaluationResult) -> None:
+    """Test metrics, signatures, outputs and a Markdown artifact of one evaluation."""
+    for key, value in result.metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, signature in result.signature_tags().items():
+        client.set_tag(run_id, key, signature)
+    client.set_tag(run_id, "test_set_digest", result.test_digest)
     with tempfile.TemporaryDirectory() as tmp_dir:
         files = {
             "metrics.json": json.dumps(
                 {"metrics": result.metrics, "signatures": result.signatures}, indent=2
             )
         }
-        if experiment.task == "translation":
+        if result.references:  # translations or summaries, line by line
             files["hypotheses.txt"] = "\n".join(result.outputs) + "\n"
             files["references.txt"] = "\n".join(result.references) + "\n"
         else:
@@ -239,4 +252,32 @@ def evaluate_model_run(
     create_markdown_artifact(
         markdown=metrics_markdown(model_name, result), description=f"{model_name} evaluation"
     )
-    return {"metrics": result.metrics, "outputs_path": str(outputs_path)}
+
+
+@task(name="lead-baseline", timeout_seconds=3600)
+def evaluate_lead_baseline(
+    experiment: ExperimentConfig,
+    parquet: str,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+) -> dict:
+    """Score the lead-N summariser (the first N words of each source) like a model, in a
+    child run tagged stage=baseline. It is never registered, so it can never be promoted;
+    `seqmodels compare` lists it beside the versions."""
+    n_words = experiment.evaluation.lead_words
+    name = f"lead-{n_words}"
+    client = mlflow_client(tracking_uri)
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent_run_id, "stage": "baseline", "model_type": "lead"},
+    )
+    run_id = run.info.run_id
+    client.log_param(run_id, "lead_words", n_words)
+    started = time.perf_counter()
+    result = evaluate_predictor(LeadBaseline(n_words), Path(parquet), experiment)
+    result.metrics["eval_time_s"] = time.perf_counter() - started
+    log_evaluation(client, run_id, name, result)
+    client.set_terminated(run_id, status="FINISHED")
+    return {"model": name, "run_id": run_id, "version": None, "metrics": result.metrics}

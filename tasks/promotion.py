@@ -42,7 +42,7 @@ from seqmodels.evaluation.promotion import (
     decision_summary,
     promotion_tags,
 )
-from seqmodels.evaluation.scoring import evaluate_predictor
+from seqmodels.evaluation.scoring import evaluate_predictor, outputs_record
 from tasks.tracking import mlflow_client
 
 
@@ -122,7 +122,7 @@ def _champion_outputs(
             return json.loads((local / "outputs.json").read_text(encoding="utf-8"))
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     result = evaluate_predictor(model.unwrap_python_model().predictor, Path(parquet), experiment)
-    return {"hypotheses": result.outputs, "line_nll": result.line_nll}
+    return outputs_record(result)
 
 
 @task(name="promote", timeout_seconds=3600)

@@ -2,10 +2,12 @@
 
 `predict` takes a list of strings (or a one-column DataFrame) and a `task` param:
 - "translate" (translation models): returns the translations;
+- "summarize" (summarisation models): returns the summaries;
 - "generate" (language models): returns a continuation of each prompt;
 - "score" (language models): returns each line's perplexity per token, as text.
-The default task is the model's natural one. Model code travels with the model (code_paths),
-so loading needs only the Python packages, not this repository.
+The default task is the model's natural one (of the experiment task it was trained for).
+Model code travels with the model (code_paths), so loading needs only the Python packages,
+not this repository.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from mlflow.models import set_model
 
 class SeqModelPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from seqmodels.models.folder import load_predictor
+        from seqmodels.models.folder import NATURAL_TASKS, load_predictor, read_model_meta
 
-        self.predictor = load_predictor(Path(context.artifacts["model_dir"]))
+        folder = Path(context.artifacts["model_dir"])
+        self.predictor = load_predictor(folder)
+        meta_task = read_model_meta(folder).get("task", "")
+        self.default_task = NATURAL_TASKS.get(meta_task, self.predictor.default_task)
 
     # The input hint is a DataFrame because that is what MLflow hands over for the signature's
     # one string column; with it MLflow neither warns nor re-validates (lists still work).
@@ -36,12 +41,14 @@ class SeqModelPyfunc(mlflow.pyfunc.PythonModel):
             texts = [model_input]
         else:
             texts = [str(x) for x in model_input]
-        task = params.pop("task", None) or self.predictor.default_task
+        task = params.pop("task", None) or self.default_task
         return self._run(task, texts, params)
 
     def _run(self, task: str, texts: list[str], params: dict) -> list[str]:
         if task == "translate":
             return self.predictor.translate(texts)
+        if task == "summarize":
+            return self.predictor.summarize(texts)
         if task == "generate":
             top_k, seed = int(params.get("top_k") or 0), params.get("seed")
             return self.predictor.generate(
@@ -53,7 +60,7 @@ class SeqModelPyfunc(mlflow.pyfunc.PythonModel):
             )
         if task == "score":
             return [f"{ppl:.4f}" for ppl in self.predictor.perplexities(texts)]
-        raise ValueError(f"unknown task {task!r}: use translate, generate or score")
+        raise ValueError(f"unknown task {task!r}: use translate, summarize, generate or score")
 
 
 set_model(SeqModelPyfunc())

@@ -17,7 +17,7 @@ from prefect import task
 from prefect.transactions import get_transaction
 
 import seqmodels
-from seqmodels.models.folder import transformers_export
+from seqmodels.models.folder import NATURAL_TASKS, transformers_export
 from tasks.tracking import mlflow_client
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -25,6 +25,10 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PIP_REQUIREMENTS = ["torch", "numpy", "sentencepiece", "pyarrow", "pandas"]
 # The transformers flavor's own guess imports every optional backend (torchvision...).
 TRANSFORMERS_REQUIREMENTS = ["transformers<5", "torch", "tokenizers", "sentencepiece"]
+INPUT_EXAMPLES = {
+    "translation": "Ein Mann fährt Fahrrad.",
+    "summarization": "The meeting moved to Thursday at 10am; please send your slides by Wednesday.",
+}
 METADATA_KEY = "seqmodels"  # the model's seqmodels.json, logged with a transformers model
 
 
@@ -45,7 +49,7 @@ def _transformers_signature(hf_task: str) -> ModelSignature:
 
 
 def _signature(task_kind: str) -> ModelSignature:
-    default = "translate" if task_kind == "translation" else "generate"
+    default = NATURAL_TASKS.get(task_kind, "generate")
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
@@ -105,7 +109,7 @@ def register_model_version(
         version = str(existing[0].version)
         return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
     _log_dataset_input(client, run_id, parquet, lineage.get("data_sha256", ""))
-    example = ["Ein Mann fährt Fahrrad."] if task_kind == "translation" else ["ROMEO:"]
+    example = [INPUT_EXAMPLES.get(task_kind, "ROMEO:")]
     exported = transformers_export(Path(trained["model_dir"]))
     with mlflow.start_run(run_id=run_id):
         if exported is not None:

@@ -20,11 +20,19 @@ from typing import TypedDict
 from seqmodels.evaluation.promotion import CHAMPION
 
 # Primary metric of each task (what promotion decides by) and whether higher is better.
-PRIMARY_METRICS = {"test_bleu": True, "test_bits_per_char": False, "test_pll_bits_per_char": False}
+ROUGE_METRICS = ("test_rouge1", "test_rouge2", "test_rougeL", "test_rougeLsum")
+PRIMARY_METRICS = {
+    "test_bleu": True,
+    "test_bits_per_char": False,
+    "test_pll_bits_per_char": False,
+    **dict.fromkeys(ROUGE_METRICS, True),
+}
 TEST_METRICS = (
     "test_bleu",
     "test_chrf",
     "test_ter",
+    *ROUGE_METRICS,
+    "test_rougeL_bestref",
     "test_bits_per_char",
     "test_ppl_per_word",
     "test_ppl_per_token",
@@ -36,7 +44,13 @@ PLL_NOTE = (
     "token predicted from both sides with it masked): those numbers are not comparable with "
     "the causal models' bits per character and perplexities."
 )
-HIGHER_IS_BETTER = {"test_bleu", "test_chrf"}
+HIGHER_IS_BETTER = {"test_bleu", "test_chrf", *ROUGE_METRICS, "test_rougeL_bestref"}
+ROUGE_NOTE = (
+    "ROUGE is rouge-score's F1 x100 with stemming. `test_rouge*` score against the single "
+    "reference (the primary protocol, as published numbers); `*_bestref` take the best of all "
+    "references of an example and are not comparable with them."
+)
+BASELINE = "baseline"  # the `version` of a baseline row (scored, never registered)
 CURVES = ("train_loss", "valid_loss")
 TEXT_COLUMNS = ("model", "type", "aliases")  # the other table columns are numbers
 
@@ -108,7 +122,14 @@ def build_comparison(
 ) -> dict:
     """The comparison of registered model `name`, versions in ascending order. The primary
     metric is `primary_metric` when given, otherwise found by `primary_metric_of`."""
-    records = sorted(records, key=lambda r: int(r["version"]))
+    # Versions in order, then baselines (runs tagged stage=baseline, version "baseline").
+    records = sorted(
+        records,
+        key=lambda r: (
+            r["version"] == BASELINE,
+            int(r["version"]) if r["version"].isdigit() else 0,
+        ),
+    )
     metric = primary_metric or primary_metric_of(records)
     rows = [comparison_row(record, metric) for record in records]
     higher = PRIMARY_METRICS.get(metric, metric in HIGHER_IS_BETTER) if metric else False
@@ -186,7 +207,11 @@ def report_markdown(comparison: dict, plots: dict[str, str], tracking_uri: str) 
     ]
     if any(k.startswith("test_pll_") for k in header):
         lines += [PLL_NOTE, ""]
-    no_curves = [f"v{r['version']} {r['model']}" for r in comparison["rows"] if not r["history"]]
+    if any(k.startswith("test_rouge") for k in header):
+        lines += [ROUGE_NOTE, ""]
+    if any(r["version"] == BASELINE for r in comparison["rows"]):
+        lines += ["Rows of version `baseline` are scored like a model but never registered.", ""]
+    no_curves = [_label(r) for r in comparison["rows"] if not r["history"]]
     for title, file in plots.items():
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     if no_curves:
@@ -200,6 +225,8 @@ def report_markdown(comparison: dict, plots: dict[str, str], tracking_uri: str) 
 
 
 def _label(row: dict) -> str:
+    if row["version"] == BASELINE:
+        return f"{row['model']} (baseline)"
     return f"v{row['version']} {row['model']}"
 
 
@@ -257,7 +284,10 @@ def _draw_bars(ax, rows: list[dict], key: str, primary: str | None) -> bool:
     ax.bar(
         range(len(rows)),
         [h or 0.0 for h in heights],
-        color=["tab:orange" if c else "tab:blue" for c in champion],
+        color=[
+            "tab:orange" if c else "tab:gray" if r["version"] == BASELINE else "tab:blue"
+            for c, r in zip(champion, rows, strict=True)
+        ],
         edgecolor="black",
         linewidth=[2 if c else 0.5 for c in champion],
     )
@@ -313,6 +343,9 @@ def plot_metric_bars(comparison: dict, metrics: list[str], path: Path, title: st
         plt.Rectangle((0, 0), 1, 1, fc="tab:blue", ec="black", lw=0.5),
     ]
     labels = ["champion", "other versions"]
+    if any(r["version"] == BASELINE for r in rows):
+        handles.append(plt.Rectangle((0, 0), 1, 1, fc="tab:gray", ec="black", lw=0.5))
+        labels.append("baseline (not registered)")
     if any(drew_ci):
         handles.append(plt.Line2D([], [], color="black", marker="_", markersize=12, lw=1.5))
         labels.append("95% confidence interval")

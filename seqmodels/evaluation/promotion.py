@@ -14,6 +14,7 @@ from seqmodels.config import ExperimentConfig
 from seqmodels.evaluation.significance import (
     Comparison,
     compare_language_models,
+    compare_mean_scores,
     compare_translations,
 )
 
@@ -25,8 +26,17 @@ def compare_with_champion(
     challenger: dict, champion: dict, experiment: ExperimentConfig
 ) -> Comparison:
     """Paired bootstrap test of two outputs records (see scoring.outputs_record) on one test
-    set: BLEU over hypotheses for translation, bits per character over lines otherwise."""
+    set: BLEU over hypotheses for translation, the mean of per-example ROUGE F1 for
+    summarisation, bits per character over lines otherwise."""
     n = experiment.evaluation.bootstrap_samples
+    if experiment.task == "summarization":
+        metric = experiment.primary_metric
+        return compare_mean_scores(
+            np.asarray(challenger["per_example"][metric]),
+            np.asarray(champion["per_example"][metric]),
+            metric,
+            n,
+        )
     if experiment.task == "translation":
         return compare_translations(
             challenger["hypotheses"], champion["hypotheses"], challenger["references"], n

@@ -3,6 +3,14 @@
 Seq2seq decoding drives a model through encode / init_state / decode_step /
 reorder_state (see seqmodels/models/family.py) and is batched over sentences (x beams), so
 one decoder call per output position serves the whole batch.
+
+Both searches take the constraints a summariser needs, each off (free) at its default:
+- max_len_a, max_len_b: at most a * source length + b generated tokens (EOS not counted);
+  EOS is forced once a row has that many;
+- min_len: EOS is forbidden until a row has min_len tokens; where min_len exceeds a row's
+  max length the max wins (EOS is forced there all the same), so decoding always ends;
+- no_repeat_ngram_size n: a token that would complete an n-gram already in the row's own
+  output is banned (fairseq's and Hugging Face's rule; per beam hypothesis).
 """
 
 from __future__ import annotations
@@ -36,10 +44,65 @@ def _max_lengths(model, src_mask: torch.Tensor, max_len_a: float, max_len_b: flo
     return max_len
 
 
-def _next_log_probs(logits: torch.Tensor, force_eos: torch.Tensor | None) -> torch.Tensor:
+def ban_repeated_ngrams(log_probs: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """Set to -inf, in place, the log-probability of every token that would complete an
+    n-gram already present in its row: log_probs (R, V) of the next token, tokens (R, T) the
+    tokens each row has generated so far, in order. Returns log_probs; n <= 0 bans nothing.
+
+    The rule of fairseq's and Hugging Face's no_repeat_ngram_size. Their histories also hold
+    the start token; it makes no difference, since it never recurs (so no n-gram with it can
+    repeat). One batched comparison of every (n-1)-gram with each row's last n-1 tokens:
+    O(R * T * n) work on the device, no Python loop over rows.
+    """
+    R, T = tokens.shape
+    if n <= 0 or T < n:  # no complete n-gram yet
+        return log_probs
+    if n == 1:  # every token seen is a repeated 1-gram
+        return log_probs.scatter_(1, tokens, float("-inf"))
+    # Row r bans tokens[r, i + n - 1] wherever tokens[r, i : i + n - 1] equals its last n - 1.
+    prefixes = tokens.unfold(1, n - 1, 1)[:, : T - n + 1]  # (R, T - n + 1, n - 1)
+    match = (prefixes == tokens[:, None, T - n + 1 :]).all(-1)
+    V = log_probs.size(1)
+    # Non-matches scatter into a spare column V, so no write of False races one of True.
+    banned = torch.where(match, tokens[:, n - 1 :], V)
+    mask = torch.zeros(R, V + 1, dtype=torch.bool, device=log_probs.device)
+    mask.scatter_(1, banned, True)
+    return log_probs.masked_fill_(mask[:, :V], float("-inf"))
+
+
+def forbid_eos(
+    log_probs: torch.Tensor, step: int, min_len: int, at_max: torch.Tensor | None = None
+) -> torch.Tensor:
+    """EOS gets -inf, in place, while fewer than min_len tokens are out (`step` tokens so far,
+    EOS not counted), except in the rows at their max length (`at_max`, bool (R,)): EOS is
+    forced there, the max length wins over min_len. Returns log_probs."""
+    if step >= min_len:
+        return log_probs
+    if at_max is None:
+        log_probs[:, EOS_ID] = float("-inf")
+    else:
+        log_probs[:, EOS_ID] = torch.where(at_max, log_probs[:, EOS_ID], float("-inf"))
+    return log_probs
+
+
+def _next_log_probs(
+    logits: torch.Tensor,
+    force_eos: torch.Tensor | None,
+    step: int = 0,
+    history: torch.Tensor | None = None,
+    min_len: int = 0,
+    no_repeat_ngram_size: int = 0,
+) -> torch.Tensor:
+    """Log-probabilities of the next token with the constraints applied: PAD and BOS never,
+    no repeated n-gram (of `history`, the rows' tokens so far), no EOS before min_len, EOS
+    forced where force_eos (the max length: applied last, so it wins)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     logp[:, PAD_ID] = float("-inf")  # never emitted by a well-formed target
     logp[:, BOS_ID] = float("-inf")
+    if no_repeat_ngram_size > 0 and history is not None:
+        ban_repeated_ngrams(logp, history, no_repeat_ngram_size)
+    if min_len > 0:
+        forbid_eos(logp, step, min_len, force_eos)
     if force_eos is not None and bool(force_eos.any()):
         eos = logp[:, EOS_ID].clone()
         logp[force_eos] = float("-inf")
@@ -65,9 +128,12 @@ def greedy_decode(
     max_len_a: float = 1.2,
     max_len_b: float = 10,
     return_scores: bool = False,
+    min_len: int = 0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """Argmax decoding. Returns token ids per sentence (no bos/eos/pad) and, with
-    return_scores, the summed log-probability of each output including its EOS."""
+    return_scores, the summed log-probability of each output including its EOS.
+    min_len and no_repeat_ngram_size: see the module docstring (0: off)."""
     B = src.size(0)
     max_len = _max_lengths(model, src_mask, max_len_a, max_len_b)
     memory = model.encode(src, src_mask)
@@ -75,19 +141,21 @@ def greedy_decode(
     tokens = torch.full((B,), BOS_ID, dtype=torch.long, device=src.device)
     scores = torch.zeros(B, device=src.device)
     ended = torch.zeros(B, dtype=torch.bool, device=src.device)
-    out = []
-    for t in range(int(max_len.max()) + 1):
+    steps = int(max_len.max()) + 1
+    # Written column by column: out[:, :t] is also the history no_repeat_ngram_size reads.
+    out = torch.full((B, steps), PAD_ID, dtype=torch.long, device=src.device)
+    for t in range(steps):
         logits, state = model.decode_step(tokens, state, memory)
-        logp = _next_log_probs(logits, t >= max_len)
+        logp = _next_log_probs(logits, t >= max_len, t, out[:, :t], min_len, no_repeat_ngram_size)
         nxt = logp.argmax(-1)
         scores += torch.where(ended, 0.0, logp.gather(1, nxt[:, None])[:, 0])
         nxt = torch.where(ended, PAD_ID, nxt)
-        out.append(nxt)
+        out[:, t] = nxt
         ended |= nxt == EOS_ID
         if bool(ended.all()):
             break
         tokens = nxt
-    ids = [_strip(row) for row in torch.stack(out, 1).tolist()]
+    ids = [_strip(row) for row in out[:, : t + 1].tolist()]
     return (ids, scores.tolist()) if return_scores else ids
 
 
@@ -106,6 +174,8 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
     max_len_b: float = 10,
     length_penalty: float = 1.0,
     return_scores: bool = False,
+    min_len: int = 0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """Batched beam search over B sentences x K beams.
 
@@ -115,7 +185,8 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
     the top K are finished, the best K others stay active. A sentence is done when
     it has K finished hypotheses; at a * src_len + b generated tokens EOS is forced.
     Returns the best hypothesis' ids per sentence (no bos/eos/pad) and, with
-    return_scores, its length-penalised score.
+    return_scores, its length-penalised score. min_len and no_repeat_ngram_size (each
+    hypothesis' own n-grams): see the module docstring (0: off).
     """
     B, K = src.size(0), beam_size
     device = src.device
@@ -136,7 +207,7 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
     for t in range(int(max_len.max()) + 1):
         n = len(sent_ids)
         logits, state = model.decode_step(tokens, state, memory)
-        logp = _next_log_probs(logits, t >= max_len_bk)
+        logp = _next_log_probs(logits, t >= max_len_bk, t, seqs, min_len, no_repeat_ngram_size)
         V = logp.size(1)
         cand = (scores.view(n * K, 1) + logp).view(n, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)
@@ -173,16 +244,28 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
         seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
         state = model.reorder_state(state, rows)
 
+    best_ids, best_scores = _best_hypotheses(finished, sent_ids, seqs, scores, K)
+    return (best_ids, best_scores) if return_scores else best_ids
+
+
+def _best_hypotheses(
+    finished: list[list[tuple[float, list[int]]]],
+    sent_ids: list[int],
+    seqs: torch.Tensor,
+    scores: torch.Tensor,
+    K: int,
+) -> tuple[list[list[int]], list[float]]:
+    """Each sentence's best finished hypothesis (ids without bos/eos/pad) and its score."""
     best_ids, best_scores = [], []
-    for b in range(B):
-        if finished[b]:
-            score, hyp = max(finished[b], key=lambda h: h[0])
+    for b, done in enumerate(finished):
+        if done:
+            score, hyp = max(done, key=lambda h: h[0])
         else:  # cannot normally happen (EOS is forced), but never return nothing
             row = sent_ids.index(b) * K
             hyp, score = seqs[row].tolist(), float(scores.view(-1)[row])
         best_ids.append(_strip(hyp))
         best_scores.append(score)
-    return (best_ids, best_scores) if return_scores else best_ids
+    return best_ids, best_scores
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Trained models used on text: one interface for evaluation, the pyfunc and the CLI.
 
-- sequence-to-sequence models: `TranslationPredictor.translate(texts)` (beam search or greedy);
+- sequence-to-sequence models: `TranslationPredictor.translate(texts)` (beam search or greedy),
+  `summarize(texts)` the same decoding under a summariser's name;
 - language models: `total_nll(lines)`, `line_nll(lines)`, `perplexities(lines)`,
   `generate(prompts, ...)`.
 
@@ -20,32 +21,70 @@ import torch.nn.functional as F
 
 from seqmodels import BOS_ID, EOS_ID, PAD_ID
 from seqmodels.inference.decoding import beam_search, greedy_decode, sample_continuation
+from seqmodels.training.batching import truncate_sources
 
 RNN_WINDOW = 256  # recurrent scoring chunk; the state is carried, so any size gives the same NLL
-DECODING_KEYS = ("beam_size", "max_len_a", "max_len_b", "length_penalty", "batch_size")
+# The `decoding` settings a seq2seq predictor reads (the experiment's `evaluation` ones, kept
+# in the model folder): beam_size (1: greedy), output length max_len_a * source + max_len_b
+# and at least min_len (the max wins), GNMT length_penalty alpha, no_repeat_ngram_size (0:
+# off), max_source_tokens (None: no cut; the limit training cut sources at), batch_size.
+DECODING_KEYS = (
+    "beam_size",
+    "max_len_a",
+    "max_len_b",
+    "min_len",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "max_source_tokens",
+    "batch_size",
+)
+
+
+def source_room(max_source_tokens: int | None, position_room: int | None) -> int | None:
+    """Source tokens decoding keeps: the smaller of max_source_tokens (the cut training made)
+    and what the model's positions hold beside the special tokens (None: no limit)."""
+    limits = [n for n in (max_source_tokens, position_room) if n is not None]
+    return min(limits) if limits else None
 
 
 class TranslationPredictor:
+    """Decodes a seq2seq model trained from scratch (seqmodels.inference.decoding) with the
+    `decoding` settings (DECODING_KEYS). `truncated_sources`: how many inputs of the last
+    call were cut (at max_source_tokens, or at the model's positions)."""
+
     default_task = "translate"
 
     def __init__(self, model: nn.Module, sp: spm.SentencePieceProcessor, decoding: dict):
         self.model, self.sp = model, sp
         self.device = next(model.parameters()).device
-        settings = {k: decoding[k] for k in DECODING_KEYS if k in decoding}
+        settings = {k: decoding[k] for k in DECODING_KEYS if decoding.get(k) is not None}
         self.beam_size = int(settings.get("beam_size", 5))
         self.max_len_a = float(settings.get("max_len_a", 1.2))
         self.max_len_b = float(settings.get("max_len_b", 10))
+        self.min_len = int(settings.get("min_len", 0))
         self.length_penalty = float(settings.get("length_penalty", 1.0))
+        self.no_repeat_ngram_size = int(settings.get("no_repeat_ngram_size", 0))
+        cap = settings.get("max_source_tokens")
+        self.max_source_tokens = None if cap is None else int(cap)
         self.batch_size = int(settings.get("batch_size", 64))
+        self.truncated_sources = 0
 
     def translate(self, sentences: list[str]) -> list[str]:
         ids = self.translate_ids(self.sp.encode(list(sentences)))
         return [self.sp.decode(h) for h in ids]
 
+    def summarize(self, texts: list[str]) -> list[str]:
+        """Summaries: the same decoding as `translate` (the settings make it a summariser)."""
+        return self.translate(texts)
+
     def translate_ids(self, sources: list[list[int]]) -> list[list[int]]:
-        """Source piece ids (no eos) -> output piece ids, in input order."""
+        """Source piece ids (no eos) -> output piece ids, in input order. Sources are cut to
+        max_source_tokens pieces (and to the model's positions, beside the EOS appended)."""
         limit = self.model.max_positions
-        srcs = [(s[: limit - 1] if limit else list(s)) + [EOS_ID] for s in sources]
+        room = source_room(self.max_source_tokens, limit - 1 if limit else None)
+        # The cut of training (truncate_sources), so the model decodes what it learnt from.
+        cut, self.truncated_sources = truncate_sources(sources, room)
+        srcs = [list(s) + [EOS_ID] for s in cut]
         order = sorted(range(len(srcs)), key=lambda i: len(srcs[i]))  # less padding
         out: list[list[int]] = [[] for _ in srcs]
         for b in range(0, len(order), self.batch_size):
@@ -60,18 +99,23 @@ class TranslationPredictor:
             src[r, : len(s)] = s
         src_t = torch.from_numpy(src).to(self.device)
         mask = src_t != PAD_ID
+        constraints = {
+            "max_len_a": self.max_len_a,
+            "max_len_b": self.max_len_b,
+            "min_len": self.min_len,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
         cuda = self.device.type == "cuda"
         with torch.autocast(self.device.type, torch.bfloat16, enabled=cuda):
             if self.beam_size <= 1:
-                return greedy_decode(self.model, src_t, mask, self.max_len_a, self.max_len_b)
+                return greedy_decode(self.model, src_t, mask, **constraints)
             return beam_search(
                 self.model,
                 src_t,
                 mask,
                 beam_size=self.beam_size,
-                max_len_a=self.max_len_a,
-                max_len_b=self.max_len_b,
                 length_penalty=self.length_penalty,
+                **constraints,
             )
 
 

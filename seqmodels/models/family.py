@@ -32,7 +32,7 @@ from seqmodels.data.splits import encode_lines, language_model_stream, read_spli
 from seqmodels.files import file_sha256, load_sentencepiece
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
 from seqmodels.settings import Settings
-from seqmodels.training.batching import Masking, PairFraming
+from seqmodels.training.batching import Masking, PairFraming, truncate_sources
 from seqmodels.training.recipes import train_language_model, train_seq2seq_model
 from seqmodels.training.settings import LMTrainSettings, Seq2SeqTrainSettings
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback, resolve_device
@@ -83,6 +83,11 @@ class ModelFamily:
         checkpoint's id, commit and weights digest); none for a model trained from scratch."""
         return {}
 
+    def decoding_settings(self, training: Any) -> dict[str, Any]:
+        """Settings of how the model was trained that its decoding must repeat (stored with
+        the decoding settings of the folder)."""
+        return {}
+
     def train(self, arch: Any, training: Any, job: TrainJob) -> dict[str, Any]:
         """Train into job.out_dir (weights only; the folder's metadata is written by the
         caller); returns a summary of numbers (and a device string) to log."""
@@ -107,8 +112,15 @@ class ModelFamily:
         exported by transformers_pipeline, so it can seed a warm start."""
         raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
 
-    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
-        """A Hugging Face pipeline of a trained folder, decoding settings included."""
+    def transformers_task_for(self, task: str) -> str | None:
+        """The Hugging Face pipeline task of a folder trained for experiment `task`."""
+        return self.transformers_task
+
+    def transformers_pipeline(
+        self, model_dir: Path, arch: Any, decoding: dict, hf_task: str
+    ) -> Any:
+        """A Hugging Face pipeline (of `hf_task`) of a trained folder, decoding settings
+        included."""
         raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
 
     def load_exported(self, folder: Path, arch: Any, decoding: dict, device: str = "auto"):
@@ -235,12 +247,19 @@ class Seq2SeqFamily(ModelFamily):
         """What the resume key knows of the model (see `identity`)."""
         return identity(job.model_type, arch, vocab_size, job.init_weights)
 
+    def decoding_settings(self, training: Seq2SeqTrainSettings) -> dict[str, Any]:
+        # Decoding cuts long sources exactly where training did.
+        return {"max_source_tokens": training.max_source_tokens}
+
     def train(self, arch: Any, training: Seq2SeqTrainSettings, job: TrainJob) -> dict[str, Any]:
         tok = self.tokenizer(arch, job)
+        truncated = {}
 
         def pairs(split: str) -> list[tuple[np.ndarray, np.ndarray]]:
             rows = read_split(job.parquet, split, ["src", "tgt"])
-            return list(zip(*self.encode_pairs(arch, tok, rows), strict=True))
+            srcs, tgts = self.encode_pairs(arch, tok, rows)
+            srcs, truncated[split] = truncate_sources(srcs, training.max_source_tokens)
+            return list(zip(srcs, tgts, strict=True))
 
         train, vocab_size = pairs("train"), tok.vocab_size()
         result = train_seq2seq_model(
@@ -256,6 +275,10 @@ class Seq2SeqFamily(ModelFamily):
             on_progress=job.on_progress,
         )
         summary = {**result.summary(), "vocab_size": vocab_size}
+        summary.update(
+            train_truncated_sources=truncated["train"],
+            valid_truncated_sources=truncated["valid"],
+        )
         return {**summary, "train_tokens": int(sum(len(t) + 1 for _, t in train))}
 
     def load(self, model_dir: Path, arch: Any, decoding: dict, device: str = "auto"):

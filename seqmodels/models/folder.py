@@ -24,6 +24,13 @@ from seqmodels.training.trainer import MetricsCallback, ProgressCallback
 
 META_FILE = "seqmodels.json"
 FORMAT = 2
+# The experiment task a folder was trained for (its metadata's "task") -> what its predictor
+# is asked by default: the pyfunc's and the CLI's natural request.
+NATURAL_TASKS = {
+    "translation": "translate",
+    "summarization": "summarize",
+    "language_model": "generate",
+}
 LEGACY_CONFIG_FILE = "model_config.json"
 # Keys of format-1 model_config.json that are not architecture settings any more: the
 # vocabulary size comes from spm.model and the recurrent cell from the model type.
@@ -78,7 +85,7 @@ def train_model(
         "type": spec.type,
         "task": task,
         "architecture": spec.architecture.model_dump(mode="json"),
-        "decoding": decoding or {},
+        "decoding": {**(decoding or {}), **family.decoding_settings(spec.training)},
     }
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return summary
@@ -156,10 +163,13 @@ def transformers_export(model_dir: Path) -> tuple[str, Any, dict[str, Any]] | No
     MLflow's transformers flavor; None for the others (they use the seqmodels pyfunc)."""
     meta = read_model_meta(model_dir)
     family, arch = family_and_architecture(meta, Path(model_dir) / META_FILE)
-    if family.transformers_task is None:
+    hf_task = family.transformers_task_for(meta.get("task", ""))
+    if hf_task is None:
         return None
-    pipeline = family.transformers_pipeline(Path(model_dir), arch, meta.get("decoding", {}))
-    return family.transformers_task, pipeline, meta
+    pipeline = family.transformers_pipeline(
+        Path(model_dir), arch, meta.get("decoding", {}), hf_task
+    )
+    return hf_task, pipeline, meta
 
 
 def folder_from_export(folder: Path, meta: dict[str, Any], out_dir: Path) -> Path:

@@ -98,7 +98,9 @@ class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
     def predictor(self, model: HFCausalLM, tok: HFTokenizer) -> NeuralLMPredictor:
         return NeuralLMPredictor(model, tok, tok.eos_id(), tok.banned_ids())
 
-    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+    def transformers_pipeline(
+        self, model_dir: Path, arch: Any, decoding: dict, hf_task: str
+    ) -> Any:
         """The text-generation pipeline, sampling as `seqmodels generate` does by default
         (temperature 0.8, 60 new tokens, or half the context when that is shorter)."""
         predictor = self.load(model_dir, arch, decoding, device="cpu")
@@ -112,4 +114,4 @@ class HFCausalLMFamily(PretrainedFamily, NeuralLMFamily):
         }
         for key, value in settings.items():
             setattr(hf_model.generation_config, key, value)
-        return hf_pipeline(self.transformers_task, hf_model, predictor.sp)
+        return hf_pipeline(hf_task, hf_model, predictor.sp)

@@ -173,7 +173,9 @@ class HFMaskedLMFamily(PretrainedFamily, NeuralLMFamily):
     def load_exported(self, folder: Path, arch: Any, decoding: dict, device: str = "auto"):
         return MaskedLMPredictor(self.exported_model(folder, device), HFTokenizer.load(folder))
 
-    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+    def transformers_pipeline(
+        self, model_dir: Path, arch: Any, decoding: dict, hf_task: str
+    ) -> Any:
         predictor = self.load(model_dir, arch, decoding, device="cpu")
         hf_model = without_lora(predictor.model.hf, arch.lora)
-        return hf_pipeline(self.transformers_task, hf_model, predictor.sp)
+        return hf_pipeline(hf_task, hf_model, predictor.sp)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from seqmodels.data.splits import encode_lines
+from seqmodels.inference.predictors import source_room
 from seqmodels.models.family import Seq2SeqFamily
 from seqmodels.models.huggingface import (
     HF_DIR,
@@ -32,7 +33,7 @@ from seqmodels.models.huggingface import (
     pretrained_config,
     without_lora,
 )
-from seqmodels.training.batching import PairFraming
+from seqmodels.training.batching import PairFraming, truncate_sources
 from seqmodels.training.flops import matmul_params, seq2seq_flops_per_token
 
 PROBE = "a b c"  # any text the tokenizer splits into ordinary tokens
@@ -107,28 +108,49 @@ class HFSeq2Seq(nn.Module):
 
 
 class HFSeq2SeqPredictor:
-    """Translates (or summarises) with the model's own beam search (`generate`)."""
+    """Translates (or summarises) with the model's own beam search (`generate`).
+
+    The decoding settings (seqmodels.inference.predictors.DECODING_KEYS) become generate's own
+    arguments (`generate_settings`): beam_size -> num_beams, max_len_a/b -> max_new_tokens,
+    min_len -> min_new_tokens (the max wins), no_repeat_ngram_size as it is. length_penalty
+    is passed as it is, but Hugging Face's is another formula than GNMT's (seqmodels' beam
+    search): it divides a finished hypothesis' log-probability by |Y| ** alpha (|Y|: generated
+    tokens, EOS included), GNMT by ((5 + |Y|) / 6) ** alpha; alpha 0 ranks by log-probability
+    in both, alpha 1 is the mean log-probability here, a milder penalty in GNMT.
+    max_source_tokens cuts the tokenized source (the T5 task prefix included, as training
+    cut it) before the checkpoint's special tokens are put around it; `truncated_sources`
+    counts the inputs of the last call that were cut (by it or by the model's positions).
+    """
 
     default_task = "translate"
 
     def __init__(self, model: HFSeq2Seq, tok: HFTokenizer, framing: PairFraming, options: dict):
         self.model, self.sp, self.framing = model, tok, framing
+        options = {k: v for k, v in options.items() if v is not None}
         self.source_prefix = options.get("source_prefix", "")
         self.beam_size = int(options.get("beam_size", 5))
         self.max_len_a = float(options.get("max_len_a", 1.2))
         self.max_len_b = float(options.get("max_len_b", 10))
+        self.min_len = int(options.get("min_len", 0))
         self.length_penalty = float(options.get("length_penalty", 1.0))
+        self.no_repeat_ngram_size = int(options.get("no_repeat_ngram_size", 0))
+        cap = options.get("max_source_tokens")
+        self.max_source_tokens = None if cap is None else int(cap)
         self.batch_size = int(options.get("batch_size", 64))
         self.device = next(model.parameters()).device
+        self.truncated_sources = 0
+
+    def summarize(self, texts: list[str]) -> list[str]:
+        """Summaries: the same decoding as `translate` (the settings make it a summariser)."""
+        return self.translate(texts)
 
     def translate(self, sentences: list[str]) -> list[str]:
         limit = self.model.max_positions
-        room = self.framing.source_room(limit) if limit else None
         f = self.framing
-        sources = [
-            [*f.src_prefix, *ids[:room], *f.src_suffix]
-            for ids in self.sp.encode([self.source_prefix + s for s in sentences])
-        ]
+        room = source_room(self.max_source_tokens, f.source_room(limit) if limit else None)
+        encoded = self.sp.encode([self.source_prefix + s for s in sentences])
+        cut, self.truncated_sources = truncate_sources(encoded, room)
+        sources = [[*f.src_prefix, *ids, *f.src_suffix] for ids in cut]
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # less padding
         out = [""] * len(sources)
         for b in range(0, len(order), self.batch_size):
@@ -143,6 +165,31 @@ class HFSeq2SeqPredictor:
         limit = self.model.max_positions
         return budget if limit is None else min(budget, limit - len(self.framing.tgt_prefix))
 
+    def generate_settings(self, source_length: int) -> dict[str, Any]:
+        """generate's arguments (and the exported model's generation config) for sources of up
+        to source_length tokens. Every constraint is passed, off ones as 0: a summarisation
+        checkpoint's own generation config (BART-CNN: min_length 56, no_repeat_ngram_size 3)
+        must not decode in place of the experiment's settings; generate adds no logits
+        processor for a 0, so off costs nothing."""
+        start, *forced = self.framing.tgt_prefix
+        budget = self.output_budget(source_length)
+        settings = {
+            "num_beams": self.beam_size,
+            "length_penalty": self.length_penalty,  # HF's formula: see the class docstring
+            "max_new_tokens": budget,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "decoder_start_token_id": start,
+            "forced_bos_token_id": forced[0] if forced else None,
+            "early_stopping": True,
+        }
+        if self.min_len > 0:
+            # A forced language code (mBART) is a new token too, but no part of the text.
+            # (generate derives min_length from min_new_tokens: passing both only warns.)
+            settings["min_new_tokens"] = min(self.min_len + len(forced), budget)
+        else:
+            settings["min_length"] = 0
+        return settings
+
     @torch.no_grad()
     def generate_batch(self, sources: list[list[int]]) -> list[str]:
         longest = max(len(s) for s in sources)
@@ -150,17 +197,11 @@ class HFSeq2SeqPredictor:
         mask = np.zeros((len(sources), longest), dtype=np.int64)
         for r, s in enumerate(sources):
             ids[r, : len(s)], mask[r, : len(s)] = s, 1
-        start, *forced = self.framing.tgt_prefix
         generated = self.model.hf.generate(
             input_ids=torch.from_numpy(ids).to(self.device),
             attention_mask=torch.from_numpy(mask).to(self.device),
-            num_beams=self.beam_size,
-            length_penalty=self.length_penalty,
-            max_new_tokens=self.output_budget(longest),
-            decoder_start_token_id=start,
-            forced_bos_token_id=forced[0] if forced else None,
-            early_stopping=True,
             do_sample=False,
+            **self.generate_settings(longest),
         )
         return [self.sp.decode(row.tolist()) for row in generated]
 
@@ -170,6 +211,12 @@ class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
 
     Architecture = HFSeq2SeqArchitecture
     transformers_task = "translation"
+
+    def transformers_task_for(self, task: str) -> str | None:
+        # A summariser is registered as what it is: MLflow's flavor and HF pipelines know
+        # "summarization" (the same generate, a different name and output key).
+        return "summarization" if task == "summarization" else self.transformers_task
+
     auto_class = "AutoModelForSeq2SeqLM"
     wrapper = HFSeq2Seq
 
@@ -209,25 +256,19 @@ class HFSeq2SeqFamily(PretrainedFamily, Seq2SeqFamily):
         options = {**decoding, "source_prefix": arch.source_prefix}
         return HFSeq2SeqPredictor(model, tok, framing, options)
 
-    def transformers_pipeline(self, model_dir: Path, arch: Any, decoding: dict) -> Any:
+    def transformers_pipeline(
+        self, model_dir: Path, arch: Any, decoding: dict, hf_task: str
+    ) -> Any:
         """The translation pipeline, with the decoding settings seqmodels evaluates with as the
         model's generation defaults and T5's task prefix as the config's `prefix` (which the
         pipeline puts before every input)."""
         predictor = self.load(model_dir, arch, decoding, device="cpu")
         hf_model = without_lora(predictor.model.hf, arch.lora)
         hf_model.config.prefix = arch.source_prefix or None
-        start, *forced = predictor.framing.tgt_prefix
-        settings = {
-            "num_beams": predictor.beam_size,
-            "length_penalty": predictor.length_penalty,
-            "decoder_start_token_id": start,
-            "forced_bos_token_id": forced[0] if forced else None,
-            # A pipeline has one output budget for every input: that of a long sentence.
-            "max_new_tokens": predictor.output_budget(LONG_SOURCE),
-            "early_stopping": True,
-        }
+        # A pipeline has one output budget for every input: that of a long sentence.
+        settings = predictor.generate_settings(LONG_SOURCE)
         for key, value in settings.items():
             setattr(hf_model.generation_config, key, value)
         # max_new_tokens governs; the pipeline still reads max_length (to warn on long inputs).
         hf_model.generation_config.max_length = context_length(hf_model.config) or 512
-        return hf_pipeline(self.transformers_task, hf_model, predictor.sp)
+        return hf_pipeline(hf_task, hf_model, predictor.sp)

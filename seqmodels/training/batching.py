@@ -164,6 +164,15 @@ class PairFraming:
         return max_len - (len(self.tgt_prefix) - 1) - len(self.tgt_suffix)
 
 
+def truncate_sources(sources: list, max_tokens: int | None) -> tuple[list, int]:
+    """Sources cut to their first `max_tokens` tokens (None: as they are), and how many were
+    cut. A summarisation source (a long email) is cut rather than its pair skipped."""
+    if max_tokens is None:
+        return list(sources), 0
+    cut = sum(len(s) > max_tokens for s in sources)
+    return [s[:max_tokens] for s in sources], int(cut)
+
+
 def prepare_pairs(
     pairs, max_len: int, truncate: bool, framing: PairFraming = PairFraming()
 ) -> tuple[list, list]:

@@ -64,6 +64,9 @@ class LMTrainSettings(TrainSettings):
 class Seq2SeqTrainSettings(TrainSettings):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)  # validation is unsmoothed
     max_seq_len: int = Field(default=200, gt=0)  # longer training pairs are skipped
+    # Sources longer than this many tokens are cut, not skipped (a summarisation source: an
+    # email body), in training and, with the same limit, when the model decodes; counted.
+    max_source_tokens: int | None = Field(default=None, gt=0)
 
 
 # Fields that change neither the weights' trajectory nor the data, so a run may resume after
