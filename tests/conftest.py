@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -51,6 +52,21 @@ def isolated_services(tmp_path_factory):
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_uris_reset():
+    """MLflow keeps the tracking and registry URIs of in-process tasks in globals and copies
+    them into the environment (for subprocesses): reset both after each module, or a later
+    module's MlflowClient(tracking_uri=...) reads the registry of an earlier one."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")
