@@ -270,10 +270,7 @@ def translate(
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Translate each input line; one translation per line on stdout."""
-    loaded = _load_model(model, _tracking_uri(tracking_uri, config), "translate")
-    for source, translation in _predict_lines(loaded, input_file, {"task": "translate"}):
-        # An empty line stays empty rather than becoming whatever the model makes of nothing.
-        print(_one_line(translation) if source.strip() else "", flush=True)
+    _print_line_by_line(model, _tracking_uri(tracking_uri, config), input_file, "translate")
 
 
 @app.command()
@@ -284,9 +281,15 @@ def summarize(
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Summarise each input line (one document per line); one summary per line on stdout."""
-    loaded = _load_model(model, _tracking_uri(tracking_uri, config), "summarize")
-    for source, summary in _predict_lines(loaded, input_file, {"task": "summarize"}):
-        print(_one_line(summary) if source.strip() else "", flush=True)
+    _print_line_by_line(model, _tracking_uri(tracking_uri, config), input_file, "summarize")
+
+
+def _print_line_by_line(model: str, tracking_uri: str, input_file: Path | None, task: str):
+    """One output line per input line of a translate/summarize request."""
+    loaded = _load_model(model, tracking_uri, task)
+    for source, output in _predict_lines(loaded, input_file, {"task": task}):
+        # An empty line stays empty rather than becoming whatever the model makes of nothing.
+        print(_one_line(output) if source.strip() else "", flush=True)
 
 
 @app.command()

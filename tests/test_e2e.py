@@ -3,36 +3,26 @@ temporary server), real MLflow (temp SQLite), the real CLI in a subprocess."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
+from tests.pipeline_cli import CLI, cli_env, run_checked
 
 
 def _run(args, cwd, env, timeout=900):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = run_checked(args, cwd, env, timeout=timeout)
     return result.stdout + result.stderr
 
 
 @pytest.mark.e2e
 def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_path, mirror):
     db = tmp_path / "mlflow.db"
-    env = {
-        **os.environ,
-        "SEQMODELS_MIRROR": str(mirror),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "COLUMNS": "200",
-    }
-    cli = [sys.executable, "-m", "flows.cli", "run", "--config", str(REPO / "configs/smoke.yaml")]
-    env["PYTHONPATH"] = str(REPO)
+    env = cli_env(tmp_path, mirror)
+    cli = [*CLI, "run", "--config", str(REPO / "configs/smoke.yaml")]
     first = _run(cli, tmp_path, env)
     assert "seqmodels results" in first
     for model in ("kn5", "lstm", "transformer", "rnn", "lstm_attention"):

@@ -6,9 +6,6 @@ experiment whose only model is a tiny Marian skips the SentencePiece stage."""
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,16 +17,11 @@ pytest.importorskip("transformers", reason="the hf extra is not installed")
 from tests.conftest import REPO  # noqa: E402
 from tests.hf_checkpoints import make_tiny_marian  # noqa: E402
 from tests.model_helpers import make_tiny_gpt2  # noqa: E402
+from tests.pipeline_cli import CLI, cli_env, run_checked  # noqa: E402
 
 SHAKESPEARE = "raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e"
 MULTI30K = "raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a"
 TRAINING = {"max_steps": 30, "batch_tokens": 512, "eval_every": 15, "warmup_steps": 5}
-
-
-def _run(args: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout + result.stderr
 
 
 def _config(tmp_path: Path, mirror: Path) -> Path:
@@ -79,19 +71,11 @@ def _config(tmp_path: Path, mirror: Path) -> Path:
 @pytest.mark.e2e
 def test_pretrained_checkpoints_compete_with_models_trained_from_scratch(tmp_path, mirror):
     db = tmp_path / "mlflow.db"
-    env = {
-        **os.environ,
-        "SEQMODELS_MIRROR": str(mirror),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        "COLUMNS": "200",
-    }
+    env = cli_env(tmp_path, mirror, HF_HUB_OFFLINE="1")
     config = _config(tmp_path, mirror)
-    cli = [sys.executable, "-m", "flows.cli", "run", "--config", str(config)]
-    out = _run([*cli, "-e", "lm-shakespeare", "-e", "mt-hf"], tmp_path, env)
+    cli = [*CLI, "run", "--config", str(config)]
+    result = run_checked([*cli, "-e", "lm-shakespeare", "-e", "mt-hf"], tmp_path, env)
+    out = result.stdout + result.stderr
     assert "seqmodels results" in out and "gpt2" in out and "marian" in out
     # Only the LM experiment trained a SentencePiece model.
     assert "mt-hf: vocab" not in out and "lm-shakespeare: vocab" in out
@@ -112,8 +96,8 @@ def test_pretrained_checkpoints_compete_with_models_trained_from_scratch(tmp_pat
 
     # One table ranks GPT-2's byte-level BPE, the SentencePiece models and the n-gram model.
     report = tmp_path / "report"
-    cli = [sys.executable, "-m", "flows.cli", "compare", "lm-shakespeare", "--out", str(report)]
-    _run([*cli, "--config", str(config)], tmp_path, env)
+    cli = [*CLI, "compare", "lm-shakespeare", "--out", str(report)]
+    run_checked([*cli, "--config", str(config)], tmp_path, env)
     table = (report / "comparison.md").read_text()
     for model in ("gpt2", "transformer", "kn5"):
         assert model in table

@@ -5,9 +5,6 @@ champion is chosen by ROUGE-L, and `seqmodels summarize` / `compare` use the res
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,20 +16,13 @@ from mlflow.models import Model
 
 from tests.conftest import REPO
 from tests.hf_checkpoints import make_tiny_marian
+from tests.pipeline_cli import CLI, cli_env, run_checked
 
 SHAKESPEARE = (
     "raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e"
     "/data/tinyshakespeare/input.txt"
 )
 TINY = {"max_steps": 20, "batch_tokens": 1024, "eval_every": 10, "warmup_steps": 5}
-
-
-def _run(args: list[str], cwd: Path, env: dict, stdin: str | None = None) -> tuple[str, str]:
-    result = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, input=stdin
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout, result.stderr
 
 
 def _config(tmp_path: Path, mirror: Path) -> Path:
@@ -93,19 +83,9 @@ def test_summarisation_pipeline_trains_scores_promotes_and_summarises(
     tmp_path, mirror, monkeypatch
 ):
     db = tmp_path / "mlflow.db"
-    env = {
-        **os.environ,
-        "SEQMODELS_MIRROR": str(mirror),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PYTHONPATH": str(REPO),
-        "COLUMNS": "200",
-    }
+    env = cli_env(tmp_path, mirror)
     config = _config(tmp_path, mirror)
-    out, _ = _run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)], tmp_path, env
-    )
+    out = run_checked([*CLI, "run", "--config", str(config)], tmp_path, env).stdout
     assert "seqmodels results" in out
     for name in ("lstm_attention", "transformer", "conv", "marian", "lead-6"):
         assert name in out
@@ -144,16 +124,16 @@ def test_summarisation_pipeline_trains_scores_promotes_and_summarises(
     assert baseline[0].data.metrics["test_rougeL"] > 0  # the first words share some words
 
     # A registered summariser, loaded in a fresh process through models:/.
-    cli = [sys.executable, "-m", "flows.cli", "summarize", "--config", str(config)]
+    cli = [*CLI, "summarize", "--config", str(config)]
     emails = "Please review the attached contract before Friday.\n\nThe meeting is moved.\n"
-    summaries, _ = _run(cli, tmp_path, env, stdin=emails)
+    summaries = run_checked(cli, tmp_path, env, stdin=emails).stdout
     # One summary per input line on stdout (an untrained model's may be short); an empty
     # line stays empty.
     assert len(summaries.splitlines()) == 3 and summaries.splitlines()[1] == ""
 
     report = tmp_path / "report"
-    cli = [sys.executable, "-m", "flows.cli", "compare", "sum-aeslc", "--out", str(report)]
-    _run([*cli, "--config", str(config)], tmp_path, env)
+    cli = [*CLI, "compare", "sum-aeslc", "--out", str(report)]
+    run_checked([*cli, "--config", str(config)], tmp_path, env)
     table = (report / "comparison.md").read_text()
     assert "test_rougeL" in table and "lead-6" in table and "baseline" in table
     assert (report / "primary_metric.png").exists()
