@@ -51,16 +51,7 @@ def experiment_flow(
     corpus = download_stage(
         experiment, exp.corpus, config.resolved_mirrors(), cache_dir, workspace, refresh_cache
     )
-    data = clean_stage(
-        experiment,
-        list(corpus.raw_paths),
-        corpus.corpus,  # growing entries resolved into the files this run read
-        exp.clean,
-        work_dir,
-        workspace,
-        refresh_cache,
-        corpus.record(),
-    )
+    data = clean_stage(experiment, corpus, exp.clean, work_dir, workspace, refresh_cache)
     columns = exp.text_columns
     spm_model = None  # every model brings its tokenizer: no SentencePiece model to train
     if exp.needs_sentencepiece:

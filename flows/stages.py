@@ -82,18 +82,23 @@ def download_stage(
 @flow(name="clean", flow_run_name="{experiment}: clean")
 def clean_stage(
     experiment: str,
-    raw_paths: list[str],
-    corpus: CorpusConfig,
+    corpus: ResolvedCorpus,
     clean: CleanConfig,
     work_dir: str,
     workspace: str,
     refresh_cache: bool = False,
-    corpus_version: dict | None = None,
 ) -> dict[str, str]:
-    """Polars cleaning into Parquet plus the quality report (cached on its inputs), with the
-    corpus version (ResolvedCorpus.record()) beside it."""
+    """Polars cleaning of the files the download stage resolved into Parquet plus the quality
+    report, with the corpus version beside it (cached on its inputs)."""
     task = clean_corpus_files.with_options(refresh_cache=refresh_cache)
-    return task(raw_paths, corpus, clean, work_dir, workspace, corpus_version=corpus_version)
+    return task(
+        list(corpus.raw_paths),
+        corpus.corpus,
+        clean,
+        work_dir,
+        workspace,
+        corpus_version=corpus.record(),
+    )
 
 
 @flow(name="vocab", flow_run_name="{experiment}: vocab")

@@ -352,15 +352,7 @@ def run_data_stages(corpus: CorpusConfig, clean: CleanConfig, work: Path):
     from flows.stages import clean_stage, download_stage
 
     resolved: ResolvedCorpus = download_stage("lm", corpus, [], str(work / "downloads"), "ws")
-    data = clean_stage(
-        "lm",
-        list(resolved.raw_paths),
-        resolved.corpus,
-        clean,
-        str(work / "lm"),
-        "ws",
-        corpus_version=resolved.record(),
-    )
+    data = clean_stage("lm", resolved, clean, str(work / "lm"), "ws")
     return resolved, data
 
 

@@ -85,10 +85,6 @@ class FetchedFile:
     def sha256(self) -> str:
         return Path(self.path).parent.name  # the cache folder is the content's digest
 
-    @property
-    def size(self) -> int:
-        return Path(self.path).stat().st_size
-
 
 @dataclass(frozen=True)
 class VersionFile:
