@@ -48,12 +48,10 @@ def experiment_flow(
     tracking_uri = config.resolved_tracking_uri()
     cache_dir = str(config.work_dir.resolve() / "downloads")
 
-    raw_paths = download_stage(
+    corpus = download_stage(
         experiment, exp.corpus, config.resolved_mirrors(), cache_dir, workspace, refresh_cache
     )
-    data = clean_stage(
-        experiment, raw_paths, exp.corpus, exp.clean, work_dir, workspace, refresh_cache
-    )
+    data = clean_stage(experiment, corpus, exp.clean, work_dir, workspace, refresh_cache)
     columns = exp.text_columns
     spm_model = None  # every model brings its tokenizer: no SentencePiece model to train
     if exp.needs_sentencepiece:
@@ -67,6 +65,7 @@ def experiment_flow(
         "code_commit": code_commit(),
         "data_sha256": file_sha256(data["parquet"]),
         "config_hash": config.fingerprint(),
+        "corpus_version": corpus.version.digest,
         "prefect_flow_run_id": str(flow_run.get_id()),
     }
     if spm_model is not None:
@@ -80,6 +79,7 @@ def experiment_flow(
     log_params(client, parent_id, flatten("", exp.model_dump(mode="json")))
     client.log_artifact(parent_id, data["report_json"], "data")
     client.log_artifact(parent_id, data["report_md"], "data")
+    client.log_artifact(parent_id, data["corpus_version"], "data")
     if spm_model is not None:
         client.log_artifact(parent_id, spm_model, "vocab")
     with tempfile.TemporaryDirectory() as tmp:

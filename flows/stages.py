@@ -11,7 +11,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import transaction
 
 from seqmodels.config import CleanConfig, CorpusConfig, ExperimentConfig, VocabConfig
-from tasks.data import clean_corpus_files, download_corpus_file, train_vocabulary
+from seqmodels.data.sources import EntryFiles, FetchedFile, ResolvedCorpus, resolve_corpus
+from tasks.data import (
+    clean_corpus_files,
+    download_corpus_file,
+    download_listed_file,
+    list_growing_source,
+    train_vocabulary,
+)
 from tasks.modeling import evaluate_model_run, pin_init_from, train_model_run
 from tasks.promotion import promote_if_better
 from tasks.registry import register_model_version
@@ -36,27 +43,62 @@ def download_stage(
     cache_dir: str,
     workspace: str,
     refresh_cache: bool = False,
-) -> list[str]:
-    """Every corpus file, checked against its sha256 (cached, retried on transient errors)."""
+) -> ResolvedCorpus:
+    """Every corpus file, checked against its sha256 (cached, retried on transient errors);
+    growing entries are listed once, here, and only their new files fetched. Returns the
+    corpus as the union of those files with its frozen version."""
     # One after the other in this thread: Prefect enforces task timeouts only outside worker
-    # threads, and corpus files are few.
+    # threads.
     download = download_corpus_file.with_options(refresh_cache=refresh_cache)
-    return [download(f, mirrors, cache_dir, workspace) for f in corpus.files]
+    entries = []
+    for f in corpus.files:
+        if not f.is_growing:
+            path = download(f, mirrors, cache_dir, workspace)
+            entries.append(EntryFiles(f, (FetchedFile(f.url, path),)))
+            continue
+        listing = list_growing_source(f, mirrors, cache_dir)
+        fetched = tuple(download_listed_file(item, f, mirrors, cache_dir) for item in listing.files)
+        entries.append(EntryFiles(f, fetched, listing))
+    resolved = resolve_corpus(corpus, entries)
+    logger = get_run_logger()
+    logger.info(
+        "%s: corpus version %s, %d files",
+        experiment,
+        resolved.version.digest,
+        len(resolved.version.files),
+    )
+    for s in resolved.sources:
+        logger.info(
+            "%s: %d files (%d new), %d left for the next run (%s)",
+            s.url,
+            s.files,
+            s.downloaded,
+            len(s.left_for_next_run),
+            s.checksums,
+        )
+    return resolved
 
 
 @flow(name="clean", flow_run_name="{experiment}: clean")
 def clean_stage(
     experiment: str,
-    raw_paths: list[str],
-    corpus: CorpusConfig,
+    corpus: ResolvedCorpus,
     clean: CleanConfig,
     work_dir: str,
     workspace: str,
     refresh_cache: bool = False,
 ) -> dict[str, str]:
-    """Polars cleaning into Parquet plus the quality report (cached on its inputs)."""
+    """Polars cleaning of the files the download stage resolved into Parquet plus the quality
+    report, with the corpus version beside it (cached on its inputs)."""
     task = clean_corpus_files.with_options(refresh_cache=refresh_cache)
-    return task(raw_paths, corpus, clean, work_dir, workspace)
+    return task(
+        list(corpus.raw_paths),
+        corpus.corpus,
+        clean,
+        work_dir,
+        workspace,
+        corpus_version=corpus.record(),
+    )
 
 
 @flow(name="vocab", flow_run_name="{experiment}: vocab")

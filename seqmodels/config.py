@@ -187,8 +187,16 @@ class PipelineConfig(Settings):
     def _checksums_pinned(self) -> PipelineConfig:
         if self.require_checksums:
             for name, exp in self.experiments.items():
-                for f in exp.corpus.files:
-                    if f.sha256 is None:
+                for i, f in enumerate(exp.corpus.files):
+                    if f.is_growing and f.listing != "manifest" and not f.trust_listing:
+                        # A listing carries no digests: say how to get them, or to do without.
+                        raise ValueError(
+                            f"experiments.{name}.corpus.files.{i}: {f.url}: trust_listing: a "
+                            "growing entry without a manifest has no sha256 to check "
+                            "(require_checksums is on); add `manifest: true` (a listing of "
+                            "files with their sha256) or `trust_listing: true`"
+                        )
+                    if f.sha256 is None and not f.is_growing:
                         raise ValueError(
                             f"experiments.{name}.corpus.files: {f.url} has no sha256 "
                             "(require_checksums is on)"

@@ -8,18 +8,27 @@ pointing at files that are gone.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from seqmodels.data.clean import clean_corpus
 from seqmodels.data.clean_report import write_report
 from seqmodels.data.corpus_reader import prepare_inputs
 from seqmodels.data.download import TransientDownloadError, download_file
 from seqmodels.data.settings import CleanConfig, CorpusConfig, SourceFile, VocabConfig
+from seqmodels.data.sources import (
+    FetchedFile,
+    ListedFile,
+    Listing,
+    fetch_listed,
+    list_source,
+    version_report,
+)
 from seqmodels.data.vocab import train_sentencepiece
 from seqmodels.files import atomic_write_text, json_digest
 
@@ -58,14 +67,60 @@ def download_corpus_file(
     source: SourceFile, mirrors: list[str], cache_dir: str, workspace: str
 ) -> str:
     """Fetch one corpus file (mirrors first), checked against its sha256; returns its path."""
-    return str(download_file(source.url, source.sha256, Path(cache_dir), mirrors))
+    path = download_file(
+        source.url,
+        source.sha256,
+        Path(cache_dir),
+        mirrors,
+        storage_options=source.storage_options,
+    )
+    return str(path)
+
+
+# Listing is never cached: each run lists its growing entries afresh, once, at its start.
+@task(
+    name="list-source",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_is_transient,
+    timeout_seconds=600,
+)
+def list_growing_source(source: SourceFile, mirrors: list[str], cache_dir: str) -> Listing:
+    """The files a growing corpus entry names now (its manifest, glob or prefix)."""
+    return list_source(source, Path(cache_dir), mirrors)
+
+
+# No Prefect cache: seqmodels.data.sources finds a listed file in the download cache by its
+# digest (or, for a trusted listing, by url, size and mtime) and fetches only new files.
+@task(
+    name="download-listed",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_is_transient,
+    timeout_seconds=3600,
+)
+def download_listed_file(
+    listed: ListedFile, source: SourceFile, mirrors: list[str], cache_dir: str
+) -> FetchedFile:
+    """One file of a growing entry in the download cache, checked against its manifest."""
+    return fetch_listed(listed, source, Path(cache_dir), mirrors)
 
 
 @task(name="clean", cache_policy=CACHED, persist_result=True, timeout_seconds=3600)
 def clean_corpus_files(
-    raw_paths: list[str], corpus: CorpusConfig, clean: CleanConfig, work_dir: str, workspace: str
+    raw_paths: list[str],
+    corpus: CorpusConfig,
+    clean: CleanConfig,
+    work_dir: str,
+    workspace: str,
+    *,
+    corpus_version: dict | None = None,
 ) -> dict[str, str]:
-    """Decompress and normalise each file, then clean them into Parquet + a quality report."""
+    """Decompress and normalise each file, then clean them into Parquet + a quality report.
+    `corpus_version` (ResolvedCorpus.record()) goes beside the report as corpus_version.json,
+    its digest and file count into the report."""
     out_dir = (
         Path(work_dir) / "clean" / json_digest(raw_paths, corpus.model_dump(), clean.model_dump())
     )
@@ -73,11 +128,17 @@ def clean_corpus_files(
     parquet, report = clean_corpus(
         inputs, out_dir, clean, corpus.kind, corpus.src_lang, corpus.tgt_lang
     )
+    outputs = {"parquet": str(parquet)}
+    if corpus_version is not None:
+        report["corpus_version"] = version_report(corpus_version)
+        version_path = out_dir / "corpus_version.json"
+        atomic_write_text(version_path, json.dumps(corpus_version, indent=2))
+        outputs["corpus_version"] = str(version_path)
     report_json, report_md = write_report(report, out_dir)
     create_markdown_artifact(
         key="cleaning-report", markdown=report_md.read_text(), description="Cleaning report"
     )
-    return {"parquet": str(parquet), "report_json": str(report_json), "report_md": str(report_md)}
+    return {**outputs, "report_json": str(report_json), "report_md": str(report_md)}
 
 
 @task(name="vocab", cache_policy=CACHED, persist_result=True, timeout_seconds=3600)

@@ -161,3 +161,11 @@ def test_prefect_does_not_retry_a_missing_file_or_a_checksum_mismatch(
     assert "not found" in str(error) if problem == "404" else "checksum mismatch" in str(error)
     assert len(server.requests) == 1
     assert not list(tmp_path.rglob("*.txt"))
+
+
+def test_object_store_urls_use_mirrors_with_the_bucket_as_host(tmp_path):
+    # An offline machine reads s3:// corpus files from the same HOST/PATH mirror layout.
+    assert mirror_candidates("s3://corpora/de-en/a.tsv", [str(tmp_path)]) == [
+        (tmp_path / "corpora/de-en/a.tsv").as_uri(),
+        "s3://corpora/de-en/a.tsv",
+    ]

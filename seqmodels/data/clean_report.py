@@ -155,6 +155,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         keys = ("lines", "bom_removed", "crlf_fixed", "nul_removed", "invalid_utf8_lines")
         digest = (f.get("sha256") or "")[:12]
         lines.append(f"| {name} | {digest} | " + " | ".join(str(f.get(k, "")) for k in keys) + " |")
+    lines += corpus_version_markdown(report.get("corpus_version"))
     lines += ["", "## Segment lengths (kept rows)", ""]
     for split, per_column in sorted(report["lengths"].items()):
         for column, per_unit in per_column.items():
@@ -170,6 +171,32 @@ def report_markdown(report: dict[str, Any]) -> str:
                     lines.append(f"{label:>10} {b['rows']:>10} {_bar(b['rows'], most)}")
                 lines += ["```", ""]
     return "\n".join(lines) + "\n"
+
+
+CHECKSUMS = {
+    "manifest": "each file checked against the manifest's sha256",
+    "trust_listing": "trust_listing: no manifest, digests computed after download",
+    "unchecked": "no manifest and require_checksums off: digests computed after download",
+}
+
+
+def corpus_version_markdown(version: dict[str, Any] | None) -> list[str]:
+    """The corpus version section: digest, file count and each growing entry's summary."""
+    if version is None:
+        return []
+    lines = ["", "## Corpus version", "", f"`{version['digest']}`: {version['files']} files."]
+    if version["sources"]:
+        lines += [
+            "",
+            "| growing source | files | left for the next run | checksums |",
+            "|---|---:|---:|---|",
+        ]
+    for s in version["sources"]:
+        lines.append(
+            f"| {s['url']} | {s['files']} | {len(s['left_for_next_run'])} "
+            f"| {CHECKSUMS[s['checksums']]} |"
+        )
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

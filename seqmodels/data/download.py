@@ -3,6 +3,8 @@
 Each file lands at `cache_dir/<sha256>/<basename>`, and only after its digest was checked, so a
 file in the cache is complete by construction. Mirrors (folders or http(s) roots laid out as
 `HOST/PATH` of the canonical URL, like `wget --mirror`) are tried before the canonical URL.
+Object stores (s3://, gs://, az://) are read through fsspec (its s3fs/gcsfs/adlfs backends
+are optional extras); their mirrors use the same layout, the bucket as HOST.
 Retrying is the orchestrator's job: transient failures raise `TransientDownloadError`, and
 everything else (404, checksum mismatch) is final.
 """
@@ -17,9 +19,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import fsspec
 from tqdm import tqdm
 
+from seqmodels.data.settings import FSSPEC_SCHEMES
 from seqmodels.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -48,10 +53,13 @@ class TransientDownloadError(RuntimeError):
 def mirror_candidates(url: str, mirrors: list[str]) -> list[str]:
     """URLs to try, in order: each mirror's copy of `url`, then `url` itself."""
     parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https", "file"):
-        raise DownloadError(f"unsupported URL scheme in {url!r} (use https, http or file)")
+    if parsed.scheme not in ("http", "https", "file", *FSSPEC_SCHEMES):
+        raise DownloadError(
+            f"unsupported URL scheme in {url!r} (use https, http, file, or an object store: "
+            f"{', '.join(FSSPEC_SCHEMES)})"
+        )
     candidates = []
-    if parsed.scheme in ("http", "https"):
+    if parsed.scheme != "file":
         relative = f"{parsed.netloc}{parsed.path}"
         for root in mirrors:
             if "://" in root:
@@ -103,11 +111,43 @@ def _http_get(source: str, part: Path, timeout: float) -> None:
             raise TransientDownloadError(f"{source}: connection closed early")
 
 
-def _fetch_one(source: str, part: Path, timeout: float) -> None:
-    if source.startswith("file:"):
+def _fsspec_get(source: str, part: Path, storage_options: dict[str, Any]) -> None:
+    """Copy an object-store file to `part` through fsspec, from its start (a retry fetches the
+    object again). Missing: FileNotFoundError; refused: final; other I/O errors: transient."""
+    try:
+        with fsspec.open(source, "rb", **storage_options) as remote, open(part, "wb") as out:
+            shutil.copyfileobj(remote, out, CHUNK)
+    except ImportError as exc:  # the backend is an optional extra
+        raise DownloadError(
+            f"{source}: {exc} (install the extra: pip install 'seqmodels[s3]' or 'seqmodels[gcs]')"
+        ) from exc
+    except (FileNotFoundError, DownloadError):
+        raise
+    except PermissionError as exc:
+        raise DownloadError(f"{source}: access refused: {exc}") from exc
+    except OSError as exc:
+        raise TransientDownloadError(f"{source}: {exc}") from exc
+
+
+def _fetch_one(source: str, part: Path, timeout: float, storage_options: dict[str, Any]) -> None:
+    scheme = urllib.parse.urlparse(source).scheme
+    if scheme == "file":
         _copy_local(source, part)
-    else:
+    elif scheme in ("http", "https"):
         _http_get(source, part, timeout)
+    else:
+        _fsspec_get(source, part, storage_options)
+
+
+def cache_name(url: str) -> str:
+    """The file name `url`'s content gets in the cache (`cache_dir/<sha256>/<name>`)."""
+    return Path(urllib.parse.urlparse(url).path).name or "download"
+
+
+def cached_path(url: str, sha256: str, cache_dir: Path) -> Path | None:
+    """Where `url` with this content is in the cache, or None when it is not there."""
+    cached = Path(cache_dir) / sha256 / cache_name(url)
+    return cached if cached.is_file() else None
 
 
 def download_file(
@@ -116,17 +156,21 @@ def download_file(
     cache_dir: Path,
     mirrors: list[str] | None = None,
     timeout: float = 60.0,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    warn_unpinned: bool = True,
 ) -> Path:
     """Return the path of `url`'s content in the cache, downloading it if needed.
 
     With `sha256` None the file is downloaded, its digest logged with a warning on how to pin
-    it, and it is cached under that digest.
+    it (unless `warn_unpinned` is False: files of a listing, a manifest), and it is cached under
+    that digest. `storage_options` go to fsspec for object-store URLs.
     """
     cache_dir = Path(cache_dir)
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    name = cache_name(url)
     if sha256 is not None:
-        cached = cache_dir / sha256 / name
-        if cached.is_file():
+        cached = cached_path(url, sha256, cache_dir)
+        if cached is not None:
             return cached
     tmp_dir = cache_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +185,9 @@ def download_file(
         source_key = hashlib.sha256(source.encode()).hexdigest()[:16]
         part = tmp_dir / f"{key}.{source_key}.part"
         try:
-            _fetch_one(source, part, timeout)
+            # Storage options belong to the canonical URL's filesystem, not a mirror's.
+            options = (storage_options or {}) if source == url else {}
+            _fetch_one(source, part, timeout, options)
         except FileNotFoundError:
             missing.append(source)
             continue
@@ -166,7 +212,7 @@ def download_file(
             raise ChecksumMismatchError(
                 url if source == url else f"{url} (via {source})", sha256, actual
             )
-        if sha256 is None:
+        if sha256 is None and warn_unpinned:
             log.warning("%s has no sha256 in the config; pin it with `sha256: %s`", url, actual)
         final = cache_dir / actual / name
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ blocks of an experiment in the config, validated before any stage runs."""
 
 from __future__ import annotations
 
-from typing import Literal
+import urllib.parse
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -14,6 +15,27 @@ LINE_FORMATS = ("text", "tsv", "jsonl")  # one segment (or pair) per line of one
 PAIR_FORMATS = ("documents", "reader")  # (src, tgt) pairs without language keys: need no fields
 SPLIT_PLACEHOLDER = "{split}"
 DEFAULT_MAX_REFERENCES = 4
+GLOB_CHARS = "*?["
+# Object stores read through fsspec (the s3fs/gcsfs/adlfs backends are optional extras).
+FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+LISTABLE_SCHEMES = ("file", *FSSPEC_SCHEMES)  # http(s) has no listing: use a manifest there
+DEFAULT_SETTLE_SECONDS = 60.0
+
+
+def listing_kind(url: str, manifest: bool) -> Literal["manifest", "glob", "prefix"] | None:
+    """How a corpus entry names its files: None for one pinned file, else how it is listed.
+
+    A glob (`*`, `?`, `[` in the path) or a folder prefix (ending in `/`) is listed on its
+    filesystem; http(s) URLs are never listed (`?` starts their query), only read as manifests.
+    """
+    if manifest:
+        return "manifest"
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in LISTABLE_SCHEMES:
+        return None
+    if any(c in parsed.path for c in GLOB_CHARS):
+        return "glob"
+    return "prefix" if parsed.path.endswith("/") else None
 
 
 class DocumentLayout(Settings):
@@ -73,6 +95,33 @@ class SourceFile(Settings):
     # reader rows: the most `refs` a row may have (None: DEFAULT_MAX_REFERENCES). None, not 4,
     # for other formats, so a dumped config (model_dump) validates again.
     max_references: int | None = Field(default=None, ge=0)
+    # A growing entry names a set of train files instead of one (seqmodels.data.sources): a
+    # glob (`file:///data/incoming/*.jsonl`, `s3://bucket/de-en/*.tsv.gz`), a folder prefix
+    # ending in `/`, or, with `manifest: true`, a JSON manifest listing files with their sha256
+    # (`{"files": [{"path" or "url": ..., "sha256": ..., "size": ...}]}`). Every other setting
+    # of the entry (format, fields, member, ...) applies to each listed file.
+    manifest: bool = False
+    # A listing without sha256s (a glob, or manifest entries without one) is trusted: each
+    # file's digest is computed after download. Needed with require_checksums; in the report.
+    trust_listing: bool = False
+    # Growing entries: files modified less than this long ago are left for the next run, so a
+    # half-copied file is never read. None: DEFAULT_SETTLE_SECONDS.
+    settle_seconds: float | None = Field(default=None, ge=0)
+    # fsspec options of the filesystem (s3: {client_kwargs: {endpoint_url: ...}}, anon, ...).
+    # Recorded with the config: keep credentials in the environment or the backend's files.
+    storage_options: dict[str, Any] = {}
+
+    @property
+    def listing(self) -> Literal["manifest", "glob", "prefix"] | None:
+        return listing_kind(self.url, self.manifest)
+
+    @property
+    def is_growing(self) -> bool:
+        return self.listing is not None
+
+    @property
+    def settle(self) -> float:
+        return DEFAULT_SETTLE_SECONDS if self.settle_seconds is None else self.settle_seconds
 
     @field_validator("sha256")
     @classmethod
@@ -115,10 +164,32 @@ class SourceFile(Settings):
         return value
 
     @model_validator(mode="after")
+    def _growing_fits(self) -> SourceFile:
+        if not self.is_growing:
+            for name in ("trust_listing", "settle_seconds"):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(
+                        f"{self.url}: {name} is for growing entries (a glob, a folder prefix "
+                        "ending in / or manifest: true)"
+                    )
+            if urllib.parse.urlparse(self.url).scheme in ("http", "https") and "*" in self.url:
+                raise ValueError(f"{self.url}: http(s) cannot be listed; use `manifest: true`")
+            return self
+        if self.split != "train":
+            raise ValueError(
+                f"{self.url}: split: a growing entry adds train files only (valid and test "
+                f"stay pinned files, so every version is scored on the same test set); "
+                f"got {self.split}, set split: train"
+            )
+        if self.sha256 is not None:
+            raise ValueError(
+                f"{self.url}: sha256 pins one file; a growing entry takes its digests from its "
+                "manifest (or, with trust_listing, computes them after download)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _format_fits(self) -> SourceFile:
-        is_archive = self.url.lower().endswith(ARCHIVE_SUFFIXES)
-        if self.format == "documents" and not is_archive:
-            raise ValueError(f"{self.url}: format documents reads a zip/tar archive")
         if self.format in PAIR_FORMATS and self.member:
             raise ValueError(
                 f"{self.url}: `member` is not used by format {self.format} "
@@ -128,10 +199,22 @@ class SourceFile(Settings):
             raise ValueError(f"{self.url}: `split` is set, but documents.splits maps the folders")
         if self.max_references is not None and self.format != "reader":
             raise ValueError(f"{self.url}: `max_references` is for format reader")
+        # A manifest or a folder prefix does not show the names of its files: each listed file
+        # is checked when it is listed (seqmodels.data.sources).
+        if self.listing not in ("manifest", "prefix"):
+            self._archive_fits()
+        return self._fields_fit()
+
+    def _archive_fits(self) -> None:
+        is_archive = self.url.lower().endswith(ARCHIVE_SUFFIXES)
+        if self.format == "documents" and not is_archive:
+            raise ValueError(f"{self.url}: format documents reads a zip/tar archive")
         if is_archive and not self.member and self.format in LINE_FORMATS:
             raise ValueError(f"{self.url} is an archive: name the corpus file in it with `member`")
         if self.member and not is_archive:
             raise ValueError(f"{self.url}: `member` is only for zip/tar archives")
+
+    def _fields_fit(self) -> SourceFile:
         if self.format not in ("tsv", "jsonl") and self.fields:
             raise ValueError(f"{self.url}: `fields` is for tsv/jsonl files, not {self.format}")
         if self.format in ("tsv", "jsonl") and not self.fields:
@@ -176,6 +259,11 @@ class CorpusConfig(Settings):
                 )
         sides = {self.src_lang, self.tgt_lang}
         for f in self.files:
+            if f.is_growing and f.format == "text":
+                raise ValueError(
+                    f"file {f.url}: format: a growing entry of a parallel corpus must be tsv or "
+                    "jsonl (listed text files cannot be paired line by line)"
+                )
             if f.format == "text" and f.lang not in sides:
                 raise ValueError(
                     f"file {f.url}: lang must be {self.src_lang!r} or {self.tgt_lang!r}"
