@@ -54,13 +54,19 @@ def _is_transient(task, task_run, state) -> bool:
     return False
 
 
+# Every task that reaches the network: three tries, backing off, for transient failures only.
+NETWORK_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": _is_transient,
+}
+
+
 @task(
     name="download",
     cache_policy=CACHED,
     persist_result=True,
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=_is_transient,
+    **NETWORK_RETRIES,
     timeout_seconds=3600,
 )
 def download_corpus_file(
@@ -81,9 +87,7 @@ def download_corpus_file(
 @task(
     name="list-source",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=_is_transient,
+    **NETWORK_RETRIES,
     timeout_seconds=600,
 )
 def list_growing_source(source: SourceFile, mirrors: list[str], cache_dir: str) -> Listing:
@@ -96,9 +100,7 @@ def list_growing_source(source: SourceFile, mirrors: list[str], cache_dir: str) 
 @task(
     name="download-listed",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=_is_transient,
+    **NETWORK_RETRIES,
     timeout_seconds=3600,
 )
 def download_listed_file(
