@@ -371,7 +371,8 @@ def compare(
     table = Table(title=f"{experiment}: registered versions")
     for column in result["header"]:
         text = column in TEXT_COLUMNS
-        table.add_column(column, justify="left" if text else "right")
+        # Names and digests are not wrapped (a wrapped row is hard to grep); numbers shrink.
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
     for cells in result["cells"]:
         table.add_row(*cells)
     console.print(table)
