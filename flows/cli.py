@@ -86,6 +86,9 @@ def run(
         None, "--experiment", "-e", help="Only these experiments."
     ),
     refresh_cache: bool = typer.Option(False, help="Ignore cached download/clean/vocab results."),
+    force: bool = typer.Option(
+        False, help="Train even when nothing changed since the last completed run."
+    ),
 ) -> None:
     """Run the pipeline: download, clean, vocab, train, evaluate, register."""
     _quiet_telemetry()
@@ -99,7 +102,9 @@ def run(
     from flows.pipeline import pipeline_flow
 
     started = time.perf_counter()
-    rows = pipeline_flow(str(config), experiment or None, refresh_cache, config=validated)
+    rows = pipeline_flow(
+        str(config), experiment or None, refresh_cache, config=validated, force=force
+    )
     console.print(results_table(rows))
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
 
@@ -369,7 +374,8 @@ def compare(
     table = Table(title=f"{experiment}: registered versions")
     for column in result["header"]:
         text = column in TEXT_COLUMNS
-        table.add_column(column, justify="left" if text else "right")
+        # Names and digests are not wrapped (a wrapped row is hard to grep); numbers shrink.
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
     for cells in result["cells"]:
         table.add_row(*cells)
     console.print(table)

@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -38,10 +38,18 @@ from tasks.tracking import (
 
 @flow(name="seqmodels-experiment", flow_run_name="{experiment} ({config_path})")
 def experiment_flow(
-    config: PipelineConfig, experiment: str, config_path: str = "", refresh_cache: bool = False
+    config: PipelineConfig,
+    experiment: str,
+    config_path: str = "",
+    refresh_cache: bool = False,
+    force: bool = False,
 ) -> list[dict]:
     """Run one experiment of the (validated) config end to end; one summary row per model.
-    `config_path` only names the run."""
+    `config_path` only names the run.
+
+    When the last completed run of the experiment saw the same corpus version with the same
+    config, there is nothing to train: the run says so (log line and Prefect artifact) and
+    returns no rows, before cleaning. `force` (or `refresh_cache`) trains anyway."""
     exp = config.experiments[experiment]
     work_dir = str((config.work_dir / experiment).resolve())
     workspace = workspace_id(config.work_dir.resolve())
@@ -51,6 +59,12 @@ def experiment_flow(
     corpus = download_stage(
         experiment, exp.corpus, config.resolved_mirrors(), cache_dir, workspace, refresh_cache
     )
+    config_hash = config.fingerprint()
+    if not (force or refresh_cache):
+        previous = last_completed_run(tracking_uri, experiment)
+        if previous is not None and _same_inputs(previous, corpus.version.digest, config_hash):
+            report_nothing_to_train(experiment, previous, corpus.version.digest)
+            return []
     data = clean_stage(experiment, corpus, exp.clean, work_dir, workspace, refresh_cache)
     columns = exp.text_columns
     spm_model = None  # every model brings its tokenizer: no SentencePiece model to train
@@ -64,7 +78,7 @@ def experiment_flow(
     lineage = {
         "code_commit": code_commit(),
         "data_sha256": file_sha256(data["parquet"]),
-        "config_hash": config.fingerprint(),
+        "config_hash": config_hash,
         "corpus_version": corpus.version.digest,
         "prefect_flow_run_id": str(flow_run.get_id()),
     }
@@ -99,6 +113,7 @@ def experiment_flow(
             parent_id,
             workspace,
             refresh_cache,
+            data.get("corpus_version"),
         )
         rows = evaluate_register_stage(
             experiment, exp, trained, data["parquet"], tracking_uri, lineage
@@ -123,6 +138,43 @@ def experiment_flow(
         description=f"{experiment}: models and metrics",
     )
     return rows
+
+
+def last_completed_run(tracking_uri: str, experiment: str):
+    """The newest parent run (tag stage=pipeline) of `experiment` that finished, or None."""
+    client = mlflow_client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        "tags.stage = 'pipeline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _same_inputs(run, corpus_version: str, config_hash: str) -> bool:
+    """Nothing new since `run`: same corpus version AND same config. A changed config (a new
+    model, other settings) must still train on the same data, hence both."""
+    tags = run.data.tags
+    return tags.get("corpus_version") == corpus_version and tags.get("config_hash") == config_hash
+
+
+def report_nothing_to_train(experiment: str, run, corpus_version: str) -> str:
+    """One log line and a Prefect artifact saying that this run trains nothing."""
+    line = (
+        f"{experiment}: no new data since run {run.info.run_id} "
+        f"(corpus version {corpus_version}): nothing to train"
+    )
+    get_run_logger().info(line)
+    create_markdown_artifact(
+        key=f"{experiment}-summary".replace("_", "-"),
+        markdown=f"{line}.\n\nRun with `--force` (flow parameter `force`) to train anyway.\n",
+        description=f"{experiment}: no new data",
+    )
+    return line
 
 
 def _run_link(tracking_uri: str, exp_id: str):
@@ -156,8 +208,12 @@ def pipeline_flow(
     experiments: list[str] | None = None,
     refresh_cache: bool = False,
     config: PipelineConfig | None = None,
+    force: bool = False,
 ) -> list[dict]:
     """Every experiment of the config (or the named ones), one subflow each.
+
+    An experiment with no new data since its last completed run (same corpus version, same
+    config) trains nothing unless `force` (see experiment_flow).
 
     The config is read and validated once, here, unless the caller already did (the CLI
     passes `config` so that a bad file fails before Prefect starts); the subflows get the
@@ -169,5 +225,5 @@ def pipeline_flow(
         # Each experiment sees only its own part, as when run alone (`-e NAME`): its
         # config_hash and config.json do not change when another experiment does.
         own = config.model_copy(update={"experiments": {name: config.experiments[name]}})
-        rows += experiment_flow(own, name, config_path, refresh_cache)
+        rows += experiment_flow(own, name, config_path, refresh_cache, force)
     return rows

@@ -19,7 +19,13 @@ from tasks.data import (
     list_growing_source,
     train_vocabulary,
 )
-from tasks.modeling import evaluate_model_run, pin_init_from, train_model_run
+from tasks.modeling import (
+    champion_start,
+    continued_spec,
+    evaluate_model_run,
+    pin_init_from,
+    train_model_run,
+)
 from tasks.promotion import promote_if_better
 from tasks.registry import register_model_version
 from tasks.tracking import mlflow_client
@@ -128,25 +134,13 @@ def train_stage(
     parent_run_id: str,
     workspace: str,
     refresh_cache: bool = False,
+    corpus_version: str | None = None,
 ) -> dict[str, dict]:
     """Every model of the experiment; independent trainings run concurrently up to
-    `parallel_trainings()` (see the task runner set by the caller)."""
+    `parallel_trainings()` (see the task runner set by the caller). `corpus_version`: this
+    run's corpus_version.json (what `train_from: champion` models compare with the
+    champion's to find the new files)."""
     train = train_model_run.with_options(refresh_cache=refresh_cache)
-
-    def args(name: str) -> tuple:
-        return (
-            name,
-            config.models[name],
-            config.task,
-            config.evaluation.model_dump(),
-            parquet,
-            spm_model,
-            work_dir,
-            tracking_uri,
-            experiment_id,
-            parent_run_id,
-            workspace,
-        )
 
     # Warm starts are pinned to one registered version before anything is keyed or cached.
     init_from = {
@@ -154,16 +148,49 @@ def train_stage(
         for name, spec in config.models.items()
         if spec.init_from is not None
     }
+    # train_from: champion: the champion's weights, vocabulary and the rows new since it (or
+    # None: no champion of this model yet, so from scratch as configured).
+    continued = {
+        name: champion_start(
+            experiment, name, spec, parquet, corpus_version, work_dir, tracking_uri
+        )
+        for name, spec in config.models.items()
+        if getattr(spec.training, "train_from", "scratch") == "champion"
+    }
+
+    def call(name: str) -> tuple[tuple, dict]:
+        spec, data, spm, start = config.models[name], parquet, spm_model, init_from.get(name)
+        lineage = None
+        if continued.get(name) is not None:
+            begin = continued[name]
+            spec, data, start = continued_spec(spec), begin["parquet"], begin["init_from"]
+            spm, lineage = begin["spm_model"] or spm_model, begin["lineage"]
+        args = (
+            name,
+            spec,
+            config.task,
+            config.evaluation.model_dump(),
+            data,
+            spm,
+            work_dir,
+            tracking_uri,
+            experiment_id,
+            parent_run_id,
+            workspace,
+        )
+        return args, {"from_scratch": refresh_cache, "init_from": start, "extra_lineage": lineage}
+
     if parallel_trainings() == 1:
         # In this thread, so the task timeout is enforced (Prefect cannot stop worker threads).
-        return {
-            name: train(*args(name), from_scratch=refresh_cache, init_from=init_from.get(name))
-            for name in config.models
-        }
-    futures = {
-        name: train.submit(*args(name), from_scratch=refresh_cache, init_from=init_from.get(name))
-        for name in config.models
-    }
+        results = {}
+        for name in config.models:
+            args, kwargs = call(name)
+            results[name] = train(*args, **kwargs)
+        return results
+    futures = {}
+    for name in config.models:
+        args, kwargs = call(name)
+        futures[name] = train.submit(*args, **kwargs)
     wait(list(futures.values()))
     return {name: future.result() for name, future in futures.items()}
 

@@ -129,6 +129,17 @@ class ExperimentConfig(Settings):
                     f"model {name!r}: a {spec.type} model cannot start from another model's "
                     "weights (init_from)"
                 )
+            if getattr(spec.training, "train_from", "scratch") == "champion":
+                if not family.warm_start:
+                    raise ValueError(
+                        f"model {name!r}: a {spec.type} model cannot continue the champion "
+                        "(train_from: champion)"
+                    )
+                if spec.init_from is not None:
+                    raise ValueError(
+                        f"model {name!r}: train_from: champion and init_from both say where "
+                        "training starts: keep one"
+                    )
             try:
                 family.preflight(spec.architecture)
             except ValueError as exc:

@@ -16,6 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from seqmodels.config import ExperimentConfig, ModelSpec
+from seqmodels.data.replay import continuation_parquet
+from seqmodels.data.sources import CorpusVersion, read_corpus_version
+from seqmodels.evaluation.promotion import CHAMPION
 from seqmodels.evaluation.scoring import (
     EvaluationResult,
     LeadBaseline,
@@ -24,7 +27,7 @@ from seqmodels.evaluation.scoring import (
     metrics_markdown,
     outputs_record,
 )
-from seqmodels.files import atomic_write_text, json_digest
+from seqmodels.files import atomic_write_text, file_sha256, json_digest
 from seqmodels.models.folder import folder_from_export, model_lineage, train_model
 from seqmodels.training.progress import TrainingProgress
 from tasks.registry import METADATA_KEY, exported_folder
@@ -116,6 +119,103 @@ def pin_init_from(uri: str, registered_name: str, tracking_uri: str) -> str:
     return pinned
 
 
+def continued_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec a continuation of the champion trains with: continue_steps steps."""
+    steps = spec.training.continue_steps
+    if steps is None:
+        return spec
+    training = spec.training.model_copy(
+        update={"max_steps": steps, "warmup_steps": min(spec.training.warmup_steps, steps)}
+    )
+    return spec.model_copy(update={"training": training})
+
+
+def _parent_corpus_version(client, run_id: str) -> CorpusVersion | None:
+    """The corpus version the pipeline run that trained `run_id` saw (its parent run's
+    data/corpus_version.json), or None when it did not record one."""
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(parent, "data/corpus_version.json", tmp)
+            return read_corpus_version(local)
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+@task(name="champion-start", timeout_seconds=1800)
+def champion_start(
+    registered_name: str,
+    model_name: str,
+    spec: ModelSpec,
+    parquet: str,
+    corpus_version: str | None,
+    work_dir: str,
+    tracking_uri: str,
+) -> dict | None:
+    """Where a `train_from: champion` model starts: the champion pinned to its version, its
+    SentencePiece model (kept frozen: a warm start needs the same vocabulary) and the rows to
+    train on (files new since the champion's corpus version + replay_fraction of the older
+    train rows, see seqmodels.data.replay). None (train from scratch as configured) when there
+    is no champion yet, or when the champion is a version of another model of the experiment.
+    `corpus_version`: this run's corpus_version.json."""
+    logger = get_run_logger()
+    client = mlflow_client(tracking_uri)
+    try:
+        champion = client.get_model_version_by_alias(registered_name, CHAMPION)
+    except MlflowException:
+        logger.info("%s: no champion of %s yet: training from scratch", model_name, registered_name)
+        return None
+    if (
+        champion.tags.get("model_name") != model_name
+        or champion.tags.get("model_type") != spec.type
+    ):
+        logger.warning(
+            "%s: the champion of %s is version %s, a %s model (%s): training from scratch",
+            model_name,
+            registered_name,
+            champion.version,
+            champion.tags.get("model_type"),
+            champion.tags.get("model_name"),
+        )
+        return None
+    uri = f"models:/{registered_name}/{champion.version}"
+    folder = fetch_model_folder(uri, Path(work_dir) / "champions" / f"v{champion.version}")
+    spm = folder / "spm.model"
+    previous = _parent_corpus_version(client, champion.run_id)
+    new_files = None
+    if previous is not None and corpus_version is not None:
+        added = read_corpus_version(corpus_version).changes_since(previous).added
+        new_files = sorted({f.url for f in added})
+    counts: dict[str, int] = {}
+    train_parquet = Path(parquet)
+    if new_files is not None:  # unknown: the champion's version was not recorded, keep all
+        train_parquet, counts = continuation_parquet(
+            parquet, new_files, spec.training.replay_fraction, Path(work_dir) / "continue"
+        )
+    logger.info(
+        "%s: continuing %s (corpus version %s) for %s steps on %s",
+        model_name,
+        uri,
+        champion.tags.get("corpus_version"),
+        continued_spec(spec).training.max_steps,
+        counts or "every train row (the champion's corpus version is not recorded)",
+    )
+    lineage = {"train_from": "champion"}
+    if champion.tags.get("corpus_version"):
+        lineage["champion_corpus_version"] = champion.tags["corpus_version"]
+    if spm.is_file():
+        lineage["vocab_sha256"] = file_sha256(spm)
+    return {
+        "init_from": uri,
+        "spm_model": str(spm) if spm.is_file() else None,
+        "parquet": str(train_parquet),
+        "lineage": lineage,
+        "counts": counts,
+    }
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """A crash of the process or device may pass (the retry resumes from the last checkpoint);
     a bad config or missing file will not."""
@@ -153,10 +253,12 @@ def train_model_run(
     workspace: str,
     from_scratch: bool = False,
     init_from: str | None = None,
+    extra_lineage: dict[str, str] | None = None,
 ) -> dict:
     """Train `model_name` in an MLflow child run; returns its run id and model folder.
     `spm_model`: the experiment's vocabulary (None when every model brings its own
-    tokenizer); `init_from`: a pinned registry or run URI whose weights training starts from."""
+    tokenizer); `init_from`: a pinned registry or run URI whose weights training starts from;
+    `extra_lineage`: more tags for the run and the registered version."""
     client = mlflow_client(tracking_uri)
     out_dir = training_dir(work_dir, model_name, spec, parquet, spm_model)
     if init_from is not None:  # the pinned parent is part of the folder's identity
@@ -168,7 +270,7 @@ def train_model_run(
         get_run_logger().warning("%s: resuming run %s in %s", model_name, run_id, out_dir)
     else:
         log_params(client, run_id, flatten("", {"model": spec.model_dump()}))
-    lineage = model_lineage(spec)
+    lineage = {**model_lineage(spec), **(extra_lineage or {})}
     if init_from is not None:
         lineage["init_from"] = init_from
     if init_from is not None and init_from.startswith("models:/"):

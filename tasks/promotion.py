@@ -53,6 +53,11 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
+def _corpus_version(client: MlflowClient, name: str, version: str) -> str | None:
+    """The corpus version (lineage tag) a registered version was trained on, if recorded."""
+    return client.get_model_version(name, version).tags.get("corpus_version")
+
+
 def _restore_alias(client: MlflowClient, name: str, alias: str, version: str | None) -> None:
     if version is None:
         try:
@@ -164,12 +169,26 @@ def promote_if_better(
             comparison = compare_with_champion(outputs, champion_outputs, experiment)
         promoted, reason = decide(comparison, experiment.higher_is_better, alpha)
         tags = promotion_tags(comparison, promoted, reason, champion, alpha)
+        # The data each side saw: a challenger trained on a newer corpus names both versions.
+        corpus_versions = {"challenger": _corpus_version(client, registered_name, version)}
+        if champion is not None:
+            corpus_versions["champion"] = _corpus_version(client, registered_name, champion)
+        for side, digest in corpus_versions.items():
+            if digest is not None:
+                tags[f"promotion.{side}_corpus_version"] = digest
         if comparison is not None:
             client.log_metric(run_id, "promotion_p_value", comparison.p_value)
         for key, value in tags.items():
             client.set_model_version_tag(registered_name, version, key, value)
         report = decision_markdown(
             registered_name, version, model_name, champion, comparison, promoted, reason
+        )
+        report += (
+            "\nCorpus versions: "
+            + ", ".join(
+                f"{side} {digest or 'not recorded'}" for side, digest in corpus_versions.items()
+            )
+            + ".\n"
         )
         client.log_text(run_id, report, "promotion/decision.md")
         if promoted:

@@ -41,6 +41,8 @@ SCHEDULED = {
     "nightly-mt-multi30k-de-en": "0 2 * * *",
     "weekly-retrain": "0 4 * * 0",
 }
+# Deployments of flows/watch.py (every 15 minutes; they emit seqmodels.corpus.changed).
+WATCHES = {"watch-lm-shakespeare", "watch-mt-multi30k-de-en"}
 
 
 def _free_port() -> int:
@@ -156,10 +158,6 @@ def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tm
         # What deployments/README.md tells an operator to run, from the repository root.
         prefect = str(BIN / "prefect")
         _cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
-        worker_log = tmp_path / "worker.log"
-        stack.enter_context(
-            _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
-        )
         deploy = [prefect, "--no-prompt", "deploy", "--all", "--prefect-file"]
         _cli([*deploy, "deployments/prefect.yaml"], client_env)
         # The Kubernetes/GPU pool and its deployments are only registered, never run here:
@@ -177,7 +175,13 @@ def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tm
                 all_deployments = client.read_deployments()
                 deployments = {d.name: d for d in all_deployments if d.work_pool_name == POOL}
                 gpu = {d.name: d for d in all_deployments if d.work_pool_name == "seqmodels-gpu"}
-                assert set(deployments) == {*SCHEDULED, "adhoc"}
+                assert set(deployments) == {*SCHEDULED, "adhoc", *WATCHES}
+                watches = {n: deployments.pop(n) for n in WATCHES}
+                for deployment in watches.values():
+                    assert deployment.entrypoint == "flows/watch.py:watch_corpus_flow"
+                    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+                    # Not run here: they would list configs/default.yaml's sources.
+                    client.pause_deployment(deployment.id)
                 assert set(gpu) == {"gpu-nightly", "gpu-adhoc"}
                 gpu_pool = client.read_work_pool("seqmodels-gpu")
                 assert "gpu_count" in gpu_pool.base_job_template["variables"]["properties"]
@@ -206,6 +210,12 @@ def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tm
                 for name in SCHEDULED:
                     client.pause_deployment(deployments[name].id)
 
+            # The worker starts once the scheduled and watch deployments are paused, so that it
+            # picks up none of their runs (a watch run is due as soon as it is deployed).
+            worker_log = tmp_path / "worker.log"
+            stack.enter_context(
+                _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
+            )
             started = time.monotonic()
             flow_run = run_deployment(
                 "seqmodels-pipeline/adhoc",

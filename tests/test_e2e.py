@@ -19,7 +19,7 @@ def _run(args, cwd, env, timeout=900):
 
 
 @pytest.mark.e2e
-def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_path, mirror):
+def test_pipeline_registers_serves_skips_unchanged_data_and_caches_stages(tmp_path, mirror):
     db = tmp_path / "mlflow.db"
     env = cli_env(tmp_path, mirror)
     cli = [*CLI, "run", "--config", str(REPO / "configs/smoke.yaml")]
@@ -64,12 +64,29 @@ def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_pat
     )
     assert "OK" in _run([sys.executable, "-c", probe], tmp_path, env, timeout=300)
 
-    # Unchanged inputs: every stage up to training comes from Prefect's cache, and no new
-    # version is registered for an unchanged model.
+    # Unchanged inputs (same corpus version, same config): the run says there is nothing new
+    # and stops after the download stage (cached), training and registering nothing.
     second = _run([*cli, "--experiment", "lm-shakespeare"], tmp_path, env)
-    for stage in ("download", "clean", "vocab", "train"):
-        assert _cached(second, stage), stage
+    assert "lm-shakespeare: no new data since run" in second
+    assert _cached(second, "download")
+    for stage in ("clean", "vocab", "train"):
+        assert f"Task run '{stage}-" not in second, stage
     assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 4
+
+    # A changed config on the same data trains (a changed config is never "nothing new"), and
+    # every stage whose inputs did not change comes from Prefect's cache: download, clean,
+    # vocab, and the three models whose settings are unchanged (no new version for them).
+    one_model = tmp_path / "one-model.yaml"
+    one_model.write_text(
+        f"extends: {REPO / 'configs/smoke.yaml'}\n"
+        "experiments: {lm-shakespeare: {models: {rnn: {training: {max_steps: 31}}}}}\n"
+    )
+    cached = _run([*cli[:-1], str(one_model), "--experiment", "lm-shakespeare"], tmp_path, env)
+    for stage in ("download", "clean", "vocab"):
+        assert _cached(cached, stage), stage
+    trainings = [line for line in cached.splitlines() if "Task run 'train-" in line]
+    assert sum("Cached" in line for line in trainings) == 3, trainings
+    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 5
 
     # A changed cleaning rule re-runs clean, vocab and everything after, and nothing before.
     changed = tmp_path / "changed.yaml"
@@ -81,7 +98,7 @@ def test_pipeline_registers_champions_serves_them_and_caches_data_stages(tmp_pat
     assert _cached(third, "download")
     for stage in ("clean", "vocab", "train"):
         assert not _cached(third, stage), stage
-    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 8
+    assert len(client.search_model_versions("name = 'lm-shakespeare'")) == 9
 
 
 def _cached(log: str, stage: str) -> bool:

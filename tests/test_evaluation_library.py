@@ -133,7 +133,11 @@ def _records() -> list[dict]:
             "version": "1",
             "run_id": "run-1",
             "run_name": "transformer-run",
-            "version_tags": {"model_name": "transformer", "promotion.metric": "test_bleu"},
+            "version_tags": {
+                "model_name": "transformer",
+                "promotion.metric": "test_bleu",
+                "corpus_version": "5414cbb372c68d00",
+            },
             "run_tags": {"model_type": "transformer"},
             "aliases": [CHAMPION],
             "metrics": {
@@ -201,6 +205,7 @@ def test_the_table_shows_missing_values_as_dashes():
         "version",
         "model",
         "type",
+        "corpus version",
         "test_bleu",
         "95% CI",
         "test_chrf",
@@ -213,6 +218,7 @@ def test_the_table_shows_missing_values_as_dashes():
         "1",
         "transformer",
         "transformer",
+        "5414cbb372c68d00",
         "32.00",
         "[31.00, 33.00]",
         "57.50",
@@ -221,7 +227,7 @@ def test_the_table_shows_missing_values_as_dashes():
         "15,000",
         "champion",
     ]
-    assert cells[2] == ["3", "kn-run", "", "-", "-", "-", "-", "-", "-", "challenger"]
+    assert cells[2] == ["3", "kn-run", "", "-", "-", "-", "-", "-", "-", "-", "challenger"]
 
 
 def test_the_markdown_report_names_the_champion_and_the_plots():
@@ -232,8 +238,9 @@ def test_the_markdown_report_names_the_champion_and_the_plots():
     assert "the champion is version 1 (transformer)." in report
     assert "Primary metric: `test_bleu` (higher is better)" in report
     # Text columns align left, numbers (versions included) right.
-    assert "\n|--:|:--|:--|--:|--:|--:|--:|--:|--:|:--|\n" in report
-    assert "| 3 | kn-run |  | - | - | - | - | - | - | challenger |" in report
+    assert "\n|--:|:--|:--|:--|--:|--:|--:|--:|--:|--:|:--|\n" in report
+    assert "| 3 | kn-run |  | - | - | - | - | - | - | - | challenger |" in report
+    assert "| 1 | transformer | transformer | 5414cbb372c68d00 | 32.00 |" in report
     assert "![Learning curves](learning_curves.png)" in report
     assert "No train/valid loss history (not trained by steps): v3 kn-run." in report
 

@@ -104,10 +104,19 @@ def _train_logged(client, exp_id: str, name: str, spec: ModelSpec, task_kind: st
     return {"run_id": run_id, "model_dir": str(out)}
 
 
+CORPUS_VERSION = "0123456789abcdef"  # the lineage tag of the data a version was trained on
+
+
 def _register(uri: str, registered: str, name: str, trained: dict, task_kind: str, parquet):
     with transaction():  # the registry task records what to undo in the Prefect transaction
         register_model_version.fn(
-            registered, name, trained, task_kind, uri, {"model_name": name}, str(parquet)
+            registered,
+            name,
+            trained,
+            task_kind,
+            uri,
+            {"model_name": name, "corpus_version": CORPUS_VERSION},
+            str(parquet),
         )
     mlflow_client(uri).set_terminated(trained["run_id"])
 
@@ -259,8 +268,8 @@ def test_compare_tables_reports_plots_and_logs_every_version(registry, tmp_path)
     assert "lstm" in lstm and CHALLENGER in lstm and "1.5000" in lstm and " - " in lstm
 
     report = (out / "comparison.md").read_text()
-    assert "| 1 | transformer | transformer_seq2seq | " in report
-    assert "| 2 | lstm | lstm_seq2seq | 1.5000 | - | 12.00 |" in report
+    assert f"| 1 | transformer | transformer_seq2seq | {CORPUS_VERSION} | " in report
+    assert f"| 2 | lstm | lstm_seq2seq | {CORPUS_VERSION} | 1.5000 | - | 12.00 |" in report
     for png in ("learning_curves.png", "primary_metric.png", "test_metrics.png"):
         width, height = _png_size(out / png)
         assert width >= 500 and height >= 400 and (out / png).stat().st_size > 10_000

@@ -52,7 +52,8 @@ ROUGE_NOTE = (
 )
 BASELINE = "baseline"  # the `version` of a baseline row (scored, never registered)
 CURVES = ("train_loss", "valid_loss")
-TEXT_COLUMNS = ("model", "type", "aliases")  # the other table columns are numbers
+# The other table columns are numbers.
+TEXT_COLUMNS = ("model", "type", "corpus version", "aliases")
 
 
 class _VersionKey(TypedDict):
@@ -100,6 +101,8 @@ def comparison_row(record: VersionRecord, metric: str | None) -> dict:
         "version": str(record["version"]),
         "model": tags.get("model_name") or record.get("run_name", ""),
         "model_type": tags.get("model_type") or run_tags.get("model_type", ""),
+        # The corpus version the model was trained on (lineage tag of the version or its run).
+        "corpus_version": tags.get("corpus_version") or run_tags.get("corpus_version"),
         "run_id": record.get("run_id", ""),
         "primary": m.get(metric) if metric else None,
         "ci": ci if None not in ci else None,
@@ -159,7 +162,7 @@ def table_columns(comparison: dict) -> tuple[list[str], list[list[str]]]:
     metric = comparison["primary_metric"] or "primary metric"
     rows = comparison["rows"]
     others = [k for k in TEST_METRICS if any(k in r["metrics"] for r in rows)]
-    header = ["version", "model", "type", metric, "95% CI", *others]
+    header = ["version", "model", "type", "corpus version", metric, "95% CI", *others]
     header += ["parameters", "train time (s)", "tokens/s", "aliases"]
     cells = []
     for r in rows:
@@ -175,6 +178,7 @@ def table_columns(comparison: dict) -> tuple[list[str], list[list[str]]]:
                 r["version"],
                 r["model"],
                 r["model_type"],
+                r.get("corpus_version") or "-",
                 fmt(r["primary"]),
                 ci,
                 *other_cells,

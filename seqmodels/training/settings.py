@@ -48,6 +48,15 @@ class TrainSettings(Settings):
     early_stop_patience: int | None = Field(default=None, gt=0)  # validations without gain
     average_last_n: int = Field(default=1, ge=1)  # > 1: model.pt = mean of the last n
     compile: bool = False  # torch.compile the model (CUDA mostly; slow to start)
+    # Where the pipeline starts this model on a new corpus version: "scratch" (max_steps from
+    # random weights), or "champion": the experiment's registered champion (when it is a
+    # version of this model) with its vocabulary, for continue_steps steps (None: max_steps)
+    # on the files new since the champion's corpus version plus replay_fraction of the older
+    # train rows (a stable hash of each row's file and line decides; 0: new files only). With
+    # no such champion yet, the model trains from scratch as configured.
+    train_from: Literal["scratch", "champion"] = "scratch"
+    continue_steps: int | None = Field(default=None, gt=0)
+    replay_fraction: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainSettings:
@@ -83,5 +92,10 @@ RESUME_FREE_FIELDS = frozenset(
         "early_stop_patience",
         "average_last_n",
         "compile",
+        # Read by the pipeline (where training starts, which steps and rows it gets: those
+        # are in the key as max_steps and data), never by the trainer.
+        "train_from",
+        "continue_steps",
+        "replay_fraction",
     }
 )
