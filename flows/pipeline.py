@@ -119,7 +119,14 @@ def experiment_flow(
             experiment, exp, trained, data["parquet"], tracking_uri, lineage
         )
         if exp.evaluation.lead_words is not None:  # scored like a model, never registered
-            baseline = evaluate_lead_baseline(exp, data["parquet"], tracking_uri, exp_id, parent_id)
+            baseline = evaluate_lead_baseline(
+                exp,
+                data["parquet"],
+                tracking_uri,
+                exp_id,
+                parent_id,
+                corpus_version=lineage["corpus_version"],
+            )
             rows.append({"experiment": experiment, **baseline})
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")

@@ -363,10 +363,13 @@ def evaluate_lead_baseline(
     tracking_uri: str,
     experiment_id: str,
     parent_run_id: str,
+    *,
+    corpus_version: str | None = None,
 ) -> dict:
     """Score the lead-N summariser (the first N words of each source) like a model, in a
-    child run tagged stage=baseline. It is never registered, so it can never be promoted;
-    `seqmodels compare` lists it beside the versions."""
+    child run tagged stage=baseline (and with the digest of the corpus version it was scored
+    on). It is never registered, so it can never be promoted; `seqmodels compare` lists it
+    beside the versions."""
     n_words = experiment.evaluation.lead_words
     name = f"lead-{n_words}"
     client = mlflow_client(tracking_uri)
@@ -375,6 +378,8 @@ def evaluate_lead_baseline(
         run_name=name,
         tags={"mlflow.parentRunId": parent_run_id, "stage": "baseline", "model_type": "lead"},
     )
+    if corpus_version is not None:
+        client.set_tag(run.info.run_id, "corpus_version", corpus_version)
     run_id = run.info.run_id
     client.log_param(run_id, "lead_words", n_words)
     started = time.perf_counter()

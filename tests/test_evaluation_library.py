@@ -272,3 +272,34 @@ def test_write_report_skips_plots_with_nothing_to_draw(tmp_path):
     files = write_report(build_comparison("lm", [{"version": "1"}]), tmp_path, "file:x")
     assert set(files) == {"report"}
     assert "| 1 |" in files["report"].read_text(encoding="utf-8")
+
+
+def test_versions_trained_on_new_data_are_plotted_by_corpus_version(tmp_path):
+    # A scheduled run learns from new data: v1 on corpus version A, v2 and v3 on version B.
+    def version(number: str, model: str, corpus: str, bleu: float, aliases=()):
+        tags = {"model_name": model, "corpus_version": corpus, "promotion.metric": "test_bleu"}
+        metrics = {"test_bleu": bleu, "test_bleu_ci_low": bleu - 1, "test_bleu_ci_high": bleu + 1}
+        return {"version": number, "version_tags": tags, "metrics": metrics, "aliases": aliases}
+
+    records = [
+        version("1", "transformer", "aaaa1111aaaa1111", 30.0),
+        version("2", "transformer", "bbbb2222bbbb2222", 31.5, aliases=[CHAMPION]),
+        version("3", "lstm", "bbbb2222bbbb2222", 29.0),
+    ]
+    comparison = build_comparison("mt-de-en", records)
+    assert [r["corpus_version"] for r in comparison["rows"]] == [
+        "aaaa1111aaaa1111",
+        "bbbb2222bbbb2222",
+        "bbbb2222bbbb2222",
+    ]
+    files = write_report(comparison, tmp_path, "file:x")
+    assert files["corpus_versions.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = files["report"].read_text(encoding="utf-8")
+    assert "![test_bleu by corpus version](corpus_versions.png)" in markdown
+    assert "| 2 | transformer |" in markdown and "bbbb2222bbbb2222" in markdown
+
+
+def test_one_corpus_version_draws_no_corpus_version_plot(tmp_path):
+    # _records(): one version has a corpus version, the others none: nothing to compare.
+    files = write_report(build_comparison("mt-de-en", _records()), tmp_path, "file:x")
+    assert "corpus_versions.png" not in files

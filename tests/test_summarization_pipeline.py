@@ -122,6 +122,8 @@ def test_summarisation_pipeline_trains_scores_promotes_and_summarises(
     )
     assert [r.info.run_name for r in baseline] == ["lead-6"]
     assert baseline[0].data.metrics["test_rougeL"] > 0  # the first words share some words
+    # Scored on the same corpus version as the models of this run.
+    assert baseline[0].data.tags["corpus_version"] == versions[0].tags["corpus_version"]
 
     # A registered summariser, loaded in a fresh process through models:/.
     cli = [*CLI, "summarize", "--config", str(config)]

@@ -361,6 +361,55 @@ def plot_metric_bars(comparison: dict, metrics: list[str], path: Path, title: st
     return True
 
 
+def plot_metric_over_corpus_versions(comparison: dict, path: Path) -> bool:
+    """The primary metric of each registered version against the corpus version it was
+    trained on, corpus versions in the order versions were registered (a scheduled run that
+    learns from new data adds one to the right), a line per model; the champion is ringed.
+    False when the versions saw fewer than two corpus versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = comparison["primary_metric"]
+    rows = [
+        r
+        for r in comparison["rows"]
+        if r["version"] != BASELINE and r["corpus_version"] and r["primary"] is not None
+    ]
+    corpus_versions = list(dict.fromkeys(r["corpus_version"] for r in rows))
+    if primary is None or len(corpus_versions) < 2:
+        return False
+    x_of = {v: i for i, v in enumerate(corpus_versions)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(corpus_versions) + 3), 4.5))
+    colors = plt.get_cmap("tab10")
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        mine = [r for r in rows if r["model"] == model]
+        xs = [x_of[r["corpus_version"]] for r in mine]
+        ys = [r["primary"] for r in mine]
+        ax.plot(xs, ys, marker="o", color=colors(i % 10), label=model)
+        for x, r in zip(xs, mine, strict=True):
+            if r["ci"]:
+                low, high = r["ci"]
+                ax.vlines(x, low, high, color=colors(i % 10), alpha=0.5)
+            if CHAMPION in r["aliases"]:
+                ax.plot(x, r["primary"], marker="o", ms=14, mfc="none", mec="tab:orange", mew=2)
+            ax.annotate(
+                f"v{r['version']}", (x, r["primary"]), xytext=(6, 4), textcoords="offset points"
+            )
+    ax.set_xticks(range(len(corpus_versions)), [v[:8] for v in corpus_versions])
+    ax.set_xlabel("corpus version (in the order the versions were registered)")
+    direction = "higher" if comparison["higher_is_better"] else "lower"
+    ax.set_ylabel(f"{primary} ({direction} is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle(f"{comparison['name']}: {primary} by corpus version (champion ringed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(comparison: dict, out_dir: Path, tracking_uri: str) -> dict[str, Path]:
     """Markdown report and PNG plots under `out_dir`; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +421,8 @@ def write_report(comparison: dict, out_dir: Path, tracking_uri: str) -> dict[str
         comparison, [primary], out_dir / "primary_metric.png", "primary metric"
     ):
         plots[f"Primary metric: {primary}"] = "primary_metric.png"
+    if plot_metric_over_corpus_versions(comparison, out_dir / "corpus_versions.png"):
+        plots[f"{primary} by corpus version"] = "corpus_versions.png"
     others = [k for k in TEST_METRICS if k != primary]
     if plot_metric_bars(comparison, others, out_dir / "test_metrics.png", "other test metrics"):
         plots["Other test metrics"] = "test_metrics.png"
