@@ -319,6 +319,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
                 )
                 assert second.state.is_completed(), repr(second.state) + tails()
                 assert second.parameters["experiments"] == [EXPERIMENT]
+                assert second.created_by.type == "AUTOMATION"  # the deployment's trigger
                 run_b = pipeline_run(mlflow, experiment_subflow_ids(second.id))
                 assert run_b.data.tags["corpus_version"] == version_b
                 # The file being written was left for a later run, not read half-written.
@@ -352,6 +353,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             known = set(nightly_runs())
             watch(f"emitted {EVENT}")
             killed = triggered_run(known)
+            assert killed.created_by.type == "AUTOMATION"
             new_checkpoints = _wait_for(
                 lambda: set(checkpoints.glob("*/checkpoints/step-*.pt")) - before,
                 300,
