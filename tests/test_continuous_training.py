@@ -1,0 +1,385 @@
+"""Continuous training, the way production runs it (issue 13): a `prefect server` (with its
+trigger service), an `mlflow server`, `prefect deploy` of a prefect.yaml modelled on
+deployments/prefect.yaml, a process work pool and a `prefect worker`, all on 127.0.0.1.
+
+The story, in order:
+
+1. A growing folder holds 2 train files: the nightly deployment's run freezes corpus
+   version A and registers version 1, the champion.
+2. A third file lands, and a fourth is being written slowly. The watch deployment (run
+   through the API rather than on its interval) emits `seqmodels.corpus.changed`; the
+   nightly deployment's event trigger starts a run that continues the champion on version
+   B (files 1-3: the fourth, still being written, is left for later), registers version 2
+   and records the decision naming A and B.
+3. Nothing lands: the next watch emits nothing and a run of the nightly deployment ends as
+   "no new data" without a new version.
+4. The fourth file is complete: the watch emits again, the triggered run is SIGKILLed mid-
+   training, and the next run of the nightly deployment resumes it: exactly one new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import REPO
+from tests.test_corpus_updates import pinned, sentences, write_rows
+from tests.test_crash_resume import _cmdline, _descendants, _wait_for
+from tests.test_deployments import BIN, _background, _cli, _free_port, _wait_healthy
+
+POOL = "continuous-test"
+EXPERIMENT = "grow"
+EVENT = "seqmodels.corpus.changed"
+NIGHTLY = "seqmodels-pipeline/nightly-grow"
+WATCH = "seqmodels-watch-corpus/watch-grow"
+SETTLE_SECONDS = 3
+
+
+def write_config(tmp_path: Path, mlflow_url: str) -> Path:
+    """tests/configs/continuous.yaml with this test's folders: the growing folder of jsonl
+    train files, pinned valid and test files, the work folder and the MLflow server."""
+    valid = pinned(tmp_path / "pinned" / "valid.txt", "valid", sentences(900, 20))
+    test = pinned(tmp_path / "pinned" / "test.txt", "test", sentences(901, 20))
+    glob = (tmp_path / "incoming").as_uri() + "/*.jsonl"
+    path = tmp_path / "continuous.yaml"
+    path.write_text(
+        f"""extends: {REPO / "tests/configs/continuous.yaml"}
+work_dir: {tmp_path / "work"}
+mlflow_tracking_uri: {mlflow_url}
+experiments:
+  {EXPERIMENT}:
+    corpus:
+      files:
+        - {valid}
+        - {test}
+        - {{url: {glob!r}, split: train, format: jsonl, fields: {{text: text}},
+            trust_listing: true, settle_seconds: {SETTLE_SECONDS}}}
+"""
+    )
+    return path
+
+
+def write_prefect_yaml(tmp_path: Path, config: Path) -> Path:
+    """deployments/prefect.yaml's lm-shakespeare nightly deployment (its event trigger,
+    concurrency limit and parameters) and its watch deployment, for this test's experiment
+    and config. No schedules: the test starts every run through the API."""
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    deployments = []
+    for name in ("nightly-lm-shakespeare", "watch-lm-shakespeare"):
+        text = json.dumps(by_name[name])
+        text = text.replace("lm-shakespeare", EXPERIMENT).replace(
+            "configs/default.yaml", str(config)
+        )
+        deployment = json.loads(text)
+        deployment.pop("schedules", None)
+        deployment["work_pool"] = {"name": POOL, "work_queue_name": "default"}
+        deployments.append(deployment)
+    path = tmp_path / "prefect.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "seqmodels-continuous-test", "prefect-version": spec["prefect-version"]}
+            | {"deployments": copy.deepcopy(deployments)},
+            sort_keys=False,
+        )
+    )
+    return path
+
+
+@contextlib.contextmanager
+def slow_writer(path: Path):
+    """A producer writing `path` a half row at a time, a few rows a second, until the block
+    ends; the file then holds complete rows and looks settled (its mtime set to an hour ago)."""
+    stop = threading.Event()
+
+    def write() -> None:
+        with open(path, "w", encoding="utf-8") as out:
+            for i, text in enumerate(sentences(4, 10_000)):
+                row = json.dumps({"text": text}) + "\n"
+                out.write(row[: len(row) // 2])
+                out.flush()
+                time.sleep(0.2)
+                out.write(row[len(row) // 2 :])
+                out.flush()
+                if stop.is_set() and i >= 20:
+                    return
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        stamp = time.time() - 3600
+        os.utime(path, (stamp, stamp))
+
+
+def run_logs(client, flow_run_id) -> list[str]:
+    logs = client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    )
+    return [log.message for log in logs]
+
+
+def model_versions(mlflow: MlflowClient) -> list:
+    return sorted(
+        mlflow.search_model_versions(f"name = '{EXPERIMENT}'"), key=lambda v: int(v.version)
+    )
+
+
+def pipeline_run(mlflow: MlflowClient, prefect_flow_run_ids: set[str]):
+    """The MLflow parent run of one of these Prefect flow runs (or their experiment subflow)."""
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    for run in mlflow.search_runs([exp.experiment_id], "tags.stage = 'pipeline'"):
+        if run.data.tags.get("prefect_flow_run_id") in prefect_flow_run_ids:
+            return run
+    return None
+
+
+def frozen_train_files(mlflow: MlflowClient, run) -> list[str]:
+    """The train files a pipeline run froze (its data/corpus_version.json), by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.download_artifacts(run.info.run_id, "data/corpus_version.json", tmp)
+        record = json.loads(Path(local).read_text())
+    return sorted(Path(f["url"]).name for f in record["files"] if "/incoming/" in f["url"])
+
+
+@pytest.mark.e2e
+def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(tmp_path):
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    base_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    client_env = {**base_env, "PREFECT_API_URL": api}
+    worker_env = {
+        **client_env,
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "OMP_NUM_THREADS": "1",  # 2 shared cores: one torch thread per run
+    }
+    incoming = tmp_path / "incoming"
+    write_rows(incoming, "part-1.jsonl", sentences(1, 60))
+    write_rows(incoming, "part-2.jsonl", sentences(2, 60))
+    config = write_config(tmp_path, mlflow_url)
+    prefect_yaml = write_prefect_yaml(tmp_path, config)
+    checkpoints = tmp_path / "work" / EXPERIMENT / "models"
+    started = time.monotonic()
+
+    with contextlib.ExitStack() as stack:
+        prefect_log = tmp_path / "prefect-server.log"
+        prefect_server = stack.enter_context(
+            _background(
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
+                + ["--port", str(prefect_port)],
+                base_env,
+                prefect_log,
+            )
+        )
+        mlflow_log = tmp_path / "mlflow-server.log"
+        mlflow_server = stack.enter_context(
+            _background(
+                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1"]
+                + ["--port", str(mlflow_port)]
+                + ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+                + ["--default-artifact-root", (tmp_path / "mlflow-artifacts").as_uri()],
+                {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                mlflow_log,
+            )
+        )
+        _wait_healthy(f"{api}/health", prefect_server, prefect_log)
+        _wait_healthy(f"{mlflow_url}/health", mlflow_server, mlflow_log)
+        prefect = str(BIN / "prefect")
+        _cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
+        _cli(
+            [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_yaml)],
+            client_env,
+        )
+        worker_log = tmp_path / "worker.log"
+        worker = stack.enter_context(
+            _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
+        )
+        mlflow = MlflowClient(mlflow_url)
+
+        def tails() -> str:
+            return (
+                f"\n--- worker ---\n{worker_log.read_text()[-5000:]}"
+                f"\n--- prefect server ---\n{prefect_log.read_text()[-3000:]}"
+            )
+
+        with (
+            temporary_settings(updates={PREFECT_API_URL: api}),
+            get_client(sync_client=True) as client,
+        ):
+            nightly = client.read_deployment_by_name(NIGHTLY)
+
+            def nightly_runs() -> dict:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))
+                )
+                return {r.id: r for r in runs}
+
+            def run_and_wait(name: str, **parameters):
+                flow_run = run_deployment(
+                    name, parameters=parameters or None, timeout=420, poll_interval=2
+                )
+                assert flow_run.state.is_completed(), f"{name}: {flow_run.state!r}" + tails()
+                return flow_run
+
+            def experiment_subflow_ids(flow_run_id) -> set[str]:
+                children = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+                    )
+                )
+                return {str(flow_run_id)} | {str(c.id) for c in children}
+
+            def logged(flow_run_ids: set, text: str) -> str:
+                """The log line of these flow runs containing `text` (the API receives a
+                run's logs in batches, possibly after it ended)."""
+                return _wait_for(
+                    lambda: next(
+                        (m for i in flow_run_ids for m in run_logs(client, i) if text in m), None
+                    ),
+                    30,
+                    f"a log line with {text!r}" + tails(),
+                )
+
+            def watch(expected: str) -> str:
+                """Run the watch deployment once; its log line containing `expected`."""
+                flow_run = run_and_wait(WATCH)
+                return logged({flow_run.id}, expected)
+
+            def emitted() -> list:
+                # (limit: the client's default, 100, is more than the server accepts)
+                page = client.read_events(
+                    EventFilter(event=EventNameFilter(name=[EVENT])), limit=50
+                )
+                return sorted(page.events, key=lambda e: e.occurred)
+
+            def triggered_run(known: set):
+                """The run of the nightly deployment the event's trigger created."""
+                new = _wait_for(
+                    lambda: [r for i, r in nightly_runs().items() if i not in known],
+                    120,
+                    "the triggered run" + tails(),
+                )
+                assert len(new) == 1, new
+                return new[0]
+
+            # 1. Two train files: version A, version 1 is the champion.
+            first = run_and_wait(NIGHTLY)
+            run_a = pipeline_run(mlflow, experiment_subflow_ids(first.id))
+            version_a = run_a.data.tags["corpus_version"]
+            assert frozen_train_files(mlflow, run_a) == ["part-1.jsonl", "part-2.jsonl"]
+            assert [v.version for v in model_versions(mlflow)] == ["1"]
+            assert mlflow.get_model_version_by_alias(EXPERIMENT, "champion").version == "1"
+
+            # 2. A third file lands while a fourth is being written: the watch announces
+            # version B, and the trigger runs the nightly deployment on it.
+            write_rows(incoming, "part-3.jsonl", sentences(3, 40))
+            with slow_writer(incoming / "part-4.jsonl"):
+                known = set(nightly_runs())
+                watch(f"emitted {EVENT}")
+                (event,) = _wait_for(emitted, 60, "the event in the server's event log")
+                assert event.resource.id == f"seqmodels.experiment.{EXPERIMENT}"
+                version_b = event.payload["corpus_version"]
+                assert event.payload["previous"] == version_a != version_b
+                second = triggered_run(known)
+                second = _wait_for(
+                    lambda: (r := client.read_flow_run(second.id)).state.is_final() and r,
+                    420,
+                    "the triggered run to finish" + tails(),
+                )
+                assert second.state.is_completed(), repr(second.state) + tails()
+                assert second.parameters["experiments"] == [EXPERIMENT]
+                assert second.created_by.type == "AUTOMATION"  # the deployment's trigger
+                run_b = pipeline_run(mlflow, experiment_subflow_ids(second.id))
+                assert run_b.data.tags["corpus_version"] == version_b
+                # The file being written was left for a later run, not read half-written.
+                assert frozen_train_files(mlflow, run_b) == [
+                    "part-1.jsonl",
+                    "part-2.jsonl",
+                    "part-3.jsonl",
+                ]
+                # A challenger continued from the champion, registered as version 2, with the
+                # champion/challenger decision naming both corpus versions.
+                assert [v.version for v in model_versions(mlflow)] == ["1", "2"]
+                v2 = mlflow.get_model_version(EXPERIMENT, "2")
+                assert v2.tags["train_from"] == "champion"
+                assert v2.tags["init_from"] == f"models:/{EXPERIMENT}/1"
+                assert v2.tags["corpus_version"] == version_b
+                assert v2.tags["promotion.decision"] in ("promoted", "not promoted")
+                assert v2.tags["promotion.challenger_corpus_version"] == version_b
+                assert v2.tags["promotion.champion_corpus_version"] == version_a
+
+                # 3. Nothing lands (the fourth file is still being written): the watch emits
+                # nothing, and a run of the nightly deployment trains nothing.
+                watch(f"corpus version {version_b} unchanged")
+                third = run_and_wait(NIGHTLY)
+                logged(experiment_subflow_ids(third.id), "no new data since run")
+                assert [v.version for v in model_versions(mlflow)] == ["1", "2"]
+                assert len(emitted()) == 1
+
+            # 4. The fourth file is complete: version C. The triggered run is killed while it
+            # trains; the next nightly run resumes that training and registers version 3.
+            before = set(checkpoints.glob("*/checkpoints/step-*.pt"))
+            known = set(nightly_runs())
+            watch(f"emitted {EVENT}")
+            killed = triggered_run(known)
+            assert killed.created_by.type == "AUTOMATION"
+            new_checkpoints = _wait_for(
+                lambda: set(checkpoints.glob("*/checkpoints/step-*.pt")) - before,
+                300,
+                "a checkpoint of the triggered run" + tails(),
+            )
+            procs = [p for p in _descendants(worker.pid) if "prefect" in _cmdline(p)]
+            engine = [p for p in procs if "engine" in _cmdline(p)] or procs
+            assert engine, tails()
+            os.kill(engine[0], signal.SIGKILL)
+            killed_at = max(int(p.stem.split("-")[1]) for p in new_checkpoints)
+            state = _wait_for(
+                lambda: (s := client.read_flow_run(killed.id).state).is_final() and s,
+                120,
+                "the killed run to be marked final",
+            )
+            assert state.type == StateType.CRASHED, state
+            assert [v.version for v in model_versions(mlflow)] == ["1", "2"]
+
+            resumed = run_and_wait(NIGHTLY)
+            run_c = pipeline_run(mlflow, experiment_subflow_ids(resumed.id))
+            assert frozen_train_files(mlflow, run_c) == [f"part-{i}.jsonl" for i in range(1, 5)]
+            assert [v.version for v in model_versions(mlflow)] == ["1", "2", "3"]
+            v3 = mlflow.get_model_version(EXPERIMENT, "3")
+            training = mlflow.get_run(v3.run_id)
+            assert training.data.metrics["resumed_from_step"] >= 10
+            assert training.data.metrics["resumed_from_step"] <= killed_at
+            assert v3.tags["corpus_version"] == run_c.data.tags["corpus_version"]
+            assert len(emitted()) == 2
+    print(f"continuous training on real servers: {time.monotonic() - started:.0f} s")
