@@ -25,7 +25,7 @@ from flows.stages import (
 from seqmodels.config import PipelineConfig, load_config
 from seqmodels.evaluation.promotion import CHAMPION
 from seqmodels.files import file_sha256
-from tasks.data import workspace_id
+from tasks.data import report_corpus_update, workspace_id
 from tasks.modeling import evaluate_lead_baseline
 from tasks.tracking import (
     code_commit,
@@ -60,8 +60,8 @@ def experiment_flow(
         experiment, exp.corpus, config.resolved_mirrors(), cache_dir, workspace, refresh_cache
     )
     config_hash = config.fingerprint()
+    previous = last_completed_run(tracking_uri, experiment)
     if not (force or refresh_cache):
-        previous = last_completed_run(tracking_uri, experiment)
         if previous is not None and _same_inputs(previous, corpus.version.digest, config_hash):
             report_nothing_to_train(experiment, previous, corpus.version.digest)
             return []
@@ -94,6 +94,10 @@ def experiment_flow(
     client.log_artifact(parent_id, data["report_json"], "data")
     client.log_artifact(parent_id, data["report_md"], "data")
     client.log_artifact(parent_id, data["corpus_version"], "data")
+    # What the new corpus version brings against the last completed run's (the first run:
+    # everything is new).
+    previous_id = previous.info.run_id if previous is not None else None
+    report_corpus_update(tracking_uri, previous_id, parent_id, data, columns)
     if spm_model is not None:
         client.log_artifact(parent_id, spm_model, "vocab")
     with tempfile.TemporaryDirectory() as tmp:

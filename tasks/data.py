@@ -9,28 +9,34 @@ pointing at files that are gone.
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from seqmodels.data.clean import clean_corpus
 from seqmodels.data.clean_report import write_report
+from seqmodels.data.corpus_changes import corpus_update_markdown, describe_corpus_update
 from seqmodels.data.corpus_reader import prepare_inputs
 from seqmodels.data.download import TransientDownloadError, download_file
 from seqmodels.data.settings import CleanConfig, CorpusConfig, SourceFile, VocabConfig
 from seqmodels.data.sources import (
+    CorpusVersion,
     FetchedFile,
     ListedFile,
     Listing,
     fetch_listed,
     list_source,
+    read_corpus_version,
     version_report,
 )
 from seqmodels.data.vocab import train_sentencepiece
 from seqmodels.files import atomic_write_text, json_digest
+from tasks.tracking import mlflow_client
 
 CACHED = INPUTS + TASK_SOURCE
 
@@ -150,3 +156,53 @@ def train_vocabulary(
     """Train SentencePiece on the train split; returns the .model path."""
     out_dir = Path(work_dir) / "vocab" / json_digest(parquet, columns, vocab.model_dump())
     return str(train_sentencepiece(Path(parquet), columns, out_dir, vocab))
+
+
+@task(name="corpus-update", timeout_seconds=1800)
+def report_corpus_update(
+    tracking_uri: str,
+    previous_run_id: str | None,
+    parent_run_id: str,
+    data: dict[str, str],
+    columns: list[str],
+) -> dict:
+    """Compare this run's corpus version with the one the last completed run saw (its
+    data/corpus_version.json, and its SentencePiece model as the vocabulary in use), log the
+    comparison to this run's MLflow parent run and show it as a Prefect artifact."""
+    client = mlflow_client(tracking_uri)
+    current = read_corpus_version(data["corpus_version"])
+    with tempfile.TemporaryDirectory() as tmp:
+        previous, vocab = None, None
+        if previous_run_id is not None:
+            previous = logged_corpus_version(client, previous_run_id)
+            vocab = _logged_vocabulary(client, previous_run_id, tmp)
+        update = describe_corpus_update(data["parquet"], current, previous, columns, vocab)
+    markdown = corpus_update_markdown(update)
+    client.log_dict(parent_run_id, update, "data/corpus_update.json")
+    client.log_text(parent_run_id, markdown, "data/corpus_update.md")
+    client.log_metric(parent_run_id, "corpus_rows_added", update["rows_added"])
+    client.log_metric(parent_run_id, "corpus_files_added", len(update["files_added"]))
+    create_markdown_artifact(markdown, key="corpus-update", description="Corpus update")
+    return update
+
+
+def logged_corpus_version(client, run_id: str) -> CorpusVersion | None:
+    """The corpus version pipeline run `run_id` recorded (data/corpus_version.json); None
+    for runs from before corpus versions."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "data/corpus_version.json", tmp)
+            return read_corpus_version(path)
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+def _logged_vocabulary(client, run_id: str, tmp: str) -> str | None:
+    """The SentencePiece model a pipeline run logged (vocab/*.model), or None."""
+    try:
+        models = [
+            a.path for a in client.list_artifacts(run_id, "vocab") if a.path.endswith(".model")
+        ]
+        return client.download_artifacts(run_id, models[0], tmp) if models else None
+    except (MlflowException, OSError):
+        return None

@@ -30,6 +30,7 @@ from seqmodels.evaluation.scoring import (
 from seqmodels.files import atomic_write_text, file_sha256, json_digest
 from seqmodels.models.folder import folder_from_export, model_lineage, train_model
 from seqmodels.training.progress import TrainingProgress
+from tasks.data import logged_corpus_version
 from tasks.registry import METADATA_KEY, exported_folder
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
@@ -134,14 +135,7 @@ def _parent_corpus_version(client, run_id: str) -> CorpusVersion | None:
     """The corpus version the pipeline run that trained `run_id` saw (its parent run's
     data/corpus_version.json), or None when it did not record one."""
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    if not parent:
-        return None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(parent, "data/corpus_version.json", tmp)
-            return read_corpus_version(local)
-    except (MlflowException, OSError, ValueError):
-        return None
+    return logged_corpus_version(client, parent) if parent else None
 
 
 @task(name="champion-start", timeout_seconds=1800)

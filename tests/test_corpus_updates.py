@@ -156,6 +156,16 @@ def test_no_new_data_trains_nothing_and_a_new_file_trains_and_registers(tmp_path
     assert [r["version"] for r in third] == ["2"]
     v2 = store.get_model_version("grow", "2")
     assert v2.tags["corpus_version"] != digest
+    # The run reports what the new version brings against the last completed run's.
+    newest = max(pipeline_runs(store), key=lambda r: r.info.start_time)
+    update = store.download_artifacts(newest.info.run_id, "data/corpus_update.json", tmp_path)
+    update = json.loads(Path(update).read_text())
+    assert update["previous_corpus_version"] == digest
+    assert [Path(url).name for url in update["files_added"]] == ["part-2.jsonl"]
+    assert 0 < update["rows_added"] <= 40  # after de-duplication over the union
+    text = update["columns"]["text"]
+    assert text["new"]["rows"] == update["rows_added"] and text["older"]["rows"] >= 50
+    assert text["new_unknown_piece_rate"] == 0.0  # the same words: the vocabulary covers them
 
     # A changed config on unchanged data still trains (another model, same corpus version).
     changed = write_config(
