@@ -108,7 +108,9 @@ def register_model_version(
     if existing:  # a re-run with a cached training: the version is already there
         version = str(existing[0].version)
         return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
-    _log_dataset_input(client, run_id, parquet, lineage.get("data_sha256", ""))
+    # The dataset's digest is the corpus version (what files it was cleaned from) when known.
+    digest = lineage.get("corpus_version") or lineage.get("data_sha256", "")
+    _log_dataset_input(client, run_id, parquet, digest)
     example = [INPUT_EXAMPLES.get(task_kind, "ROMEO:")]
     exported = transformers_export(Path(trained["model_dir"]))
     with mlflow.start_run(run_id=run_id):

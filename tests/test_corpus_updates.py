@@ -156,6 +156,8 @@ def test_no_new_data_trains_nothing_and_a_new_file_trains_and_registers(tmp_path
     assert [r["version"] for r in third] == ["2"]
     v2 = store.get_model_version("grow", "2")
     assert v2.tags["corpus_version"] != digest
+    (dataset,) = store.get_run(v2.run_id).inputs.dataset_inputs  # MLflow's dataset input
+    assert dataset.dataset.digest == v2.tags["corpus_version"]
     # The run reports what the new version brings against the last completed run's.
     newest = max(pipeline_runs(store), key=lambda r: r.info.start_time)
     update = store.download_artifacts(newest.info.run_id, "data/corpus_update.json", tmp_path)
