@@ -47,9 +47,17 @@ from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import REPO
+from tests.servers import (
+    BIN,
+    background,
+    checked_cli,
+    cmdline,
+    descendants,
+    free_port,
+    tracking_servers,
+    wait_for,
+)
 from tests.test_corpus_updates import pinned, sentences, write_rows
-from tests.test_crash_resume import _cmdline, _descendants, _wait_for
-from tests.test_deployments import BIN, _background, _cli, _free_port, _wait_healthy
 
 POOL = "continuous-test"
 EXPERIMENT = "grow"
@@ -172,7 +180,7 @@ def frozen_train_files(mlflow: MlflowClient, run) -> list[str]:
 
 @pytest.mark.e2e
 def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(tmp_path):
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     base_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
@@ -193,37 +201,17 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
     started = time.monotonic()
 
     with contextlib.ExitStack() as stack:
-        prefect_log = tmp_path / "prefect-server.log"
-        prefect_server = stack.enter_context(
-            _background(
-                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
-                + ["--port", str(prefect_port)],
-                base_env,
-                prefect_log,
-            )
-        )
-        mlflow_log = tmp_path / "mlflow-server.log"
-        mlflow_server = stack.enter_context(
-            _background(
-                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1"]
-                + ["--port", str(mlflow_port)]
-                + ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-                + ["--default-artifact-root", (tmp_path / "mlflow-artifacts").as_uri()],
-                {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                mlflow_log,
-            )
-        )
-        _wait_healthy(f"{api}/health", prefect_server, prefect_log)
-        _wait_healthy(f"{mlflow_url}/health", mlflow_server, mlflow_log)
+        stack.enter_context(tracking_servers(tmp_path, base_env, prefect_port, mlflow_port))
+        prefect_log = tmp_path / "prefect-server.log"  # written by tracking_servers
         prefect = str(BIN / "prefect")
-        _cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
-        _cli(
+        checked_cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
+        checked_cli(
             [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_yaml)],
             client_env,
         )
         worker_log = tmp_path / "worker.log"
         worker = stack.enter_context(
-            _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
+            background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
         )
         mlflow = MlflowClient(mlflow_url)
 
@@ -263,7 +251,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             def logged(flow_run_ids: set, text: str) -> str:
                 """The log line of these flow runs containing `text` (the API receives a
                 run's logs in batches, possibly after it ended)."""
-                return _wait_for(
+                return wait_for(
                     lambda: next(
                         (m for i in flow_run_ids for m in run_logs(client, i) if text in m), None
                     ),
@@ -285,7 +273,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
 
             def triggered_run(known: set):
                 """The run of the nightly deployment the event's trigger created."""
-                new = _wait_for(
+                new = wait_for(
                     lambda: [r for i, r in nightly_runs().items() if i not in known],
                     120,
                     "the triggered run" + tails(),
@@ -307,12 +295,12 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             with slow_writer(incoming / "part-4.jsonl"):
                 known = set(nightly_runs())
                 watch(f"emitted {EVENT}")
-                (event,) = _wait_for(emitted, 60, "the event in the server's event log")
+                (event,) = wait_for(emitted, 60, "the event in the server's event log")
                 assert event.resource.id == f"seqmodels.experiment.{EXPERIMENT}"
                 version_b = event.payload["corpus_version"]
                 assert event.payload["previous"] == version_a != version_b
                 second = triggered_run(known)
-                second = _wait_for(
+                second = wait_for(
                     lambda: (r := client.read_flow_run(second.id)).state.is_final() and r,
                     420,
                     "the triggered run to finish" + tails(),
@@ -354,17 +342,17 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             watch(f"emitted {EVENT}")
             killed = triggered_run(known)
             assert killed.created_by.type == "AUTOMATION"
-            new_checkpoints = _wait_for(
+            new_checkpoints = wait_for(
                 lambda: set(checkpoints.glob("*/checkpoints/step-*.pt")) - before,
                 300,
                 "a checkpoint of the triggered run" + tails(),
             )
-            procs = [p for p in _descendants(worker.pid) if "prefect" in _cmdline(p)]
-            engine = [p for p in procs if "engine" in _cmdline(p)] or procs
+            procs = [p for p in descendants(worker.pid) if "prefect" in cmdline(p)]
+            engine = [p for p in procs if "engine" in cmdline(p)] or procs
             assert engine, tails()
             os.kill(engine[0], signal.SIGKILL)
             killed_at = max(int(p.stem.split("-")[1]) for p in new_checkpoints)
-            state = _wait_for(
+            state = wait_for(
                 lambda: (s := client.read_flow_run(killed.id).state).is_final() and s,
                 120,
                 "the killed run to be marked final",

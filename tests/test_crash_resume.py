@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -20,7 +18,16 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import REPO, SHAKESPEARE_SHA256, SHAKESPEARE_URL
-from tests.test_deployments import BIN, _background, _cli, _free_port, _wait_healthy
+from tests.servers import (
+    BIN,
+    background,
+    checked_cli,
+    cmdline,
+    descendants,
+    free_port,
+    wait_for,
+    wait_healthy,
+)
 
 POOL = "crash-test"
 
@@ -46,36 +53,9 @@ experiments:
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == pid:
-                    children.append(int(entry.name))
-    return children + [d for c in children for d in _descendants(c)]
-
-
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    return ""
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.mark.e2e
 def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_path, mirror):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     work, db = tmp_path / "work", tmp_path / "mlflow.db"
     config = tmp_path / "crash.yaml"
@@ -92,17 +72,17 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
     with contextlib.ExitStack() as stack:
         log = tmp_path / "prefect-server.log"
         server = stack.enter_context(
-            _background(
+            background(
                 [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
                 + ["--port", str(port)],
                 base_env,
                 log,
             )
         )
-        _wait_healthy(f"{api}/health", server, log)
+        wait_healthy(f"{api}/health", server, log)
         prefect = str(BIN / "prefect")
-        _cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
-        _cli(
+        checked_cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
+        checked_cli(
             [
                 str(BIN / "python"),
                 "-c",
@@ -114,20 +94,20 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
         )
         worker_log = tmp_path / "worker.log"
         worker = stack.enter_context(
-            _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
+            background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
         )
 
         with temporary_settings(updates={PREFECT_API_URL: api}):
             first = run_deployment("seqmodels-pipeline/crash", parameters=params, timeout=0)
             checkpoints = work / "lm-shakespeare" / "models"
-            _wait_for(
+            wait_for(
                 lambda: list(checkpoints.glob("transformer-*/checkpoints/step-*.pt")),
                 240,
                 "the first checkpoint",
             )
             # The process executing the flow run: the worker's child running the engine.
-            flow_procs = [p for p in _descendants(worker.pid) if "prefect" in _cmdline(p)]
-            engine = [p for p in flow_procs if "engine" in _cmdline(p)] or flow_procs
+            flow_procs = [p for p in descendants(worker.pid) if "prefect" in cmdline(p)]
+            engine = [p for p in flow_procs if "engine" in cmdline(p)] or flow_procs
             assert engine, worker_log.read_text()[-3000:]
             os.kill(engine[0], signal.SIGKILL)
             killed_at = max(
@@ -136,7 +116,7 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
             )
 
             with get_client(sync_client=True) as client:
-                state = _wait_for(
+                state = wait_for(
                     lambda: (s := client.read_flow_run(first.id).state).is_final() and s,
                     120,
                     "the killed run to be marked final",

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -33,8 +27,8 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import REPO
+from tests.servers import BIN, background, checked_cli, free_port, tracking_servers
 
-BIN = Path(sys.executable).parent
 POOL = "seqmodels-local"
 SCHEDULED = {
     "nightly-lm-shakespeare": "0 1 * * *",
@@ -43,53 +37,6 @@ SCHEDULED = {
 }
 # Deployments of flows/watch.py (every 15 minutes; they emit seqmodels.corpus.changed).
 WATCHES = {"watch-lm-shakespeare", "watch-mt-multi30k-de-en"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _background(args: list[str], env: dict, log: Path):
-    """A long-running subprocess in its own process group (servers start children of their
-    own), stopped with SIGTERM, then SIGKILL, however the test ends."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-            # Whatever is left of the group: a stuck child, or all of it after 30 s.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{url} did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-
-def _cli(args: list[str], env: dict) -> str:
-    result = subprocess.run(
-        args, env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 def _flow_run_tree(client, root_id) -> list:
@@ -109,7 +56,7 @@ def _flow_run_tree(client, root_id) -> list:
 
 @pytest.mark.e2e
 def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tmp_path, mirror):
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     # conftest has already unset PREFECT_API_URL and MLFLOW_TRACKING_URI and muted telemetry.
@@ -131,44 +78,22 @@ def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tm
     )
 
     with contextlib.ExitStack() as stack:
-        # Both servers start at once: each takes 5-30 s on a busy 2-core machine.
-        prefect_log = tmp_path / "prefect-server.log"
-        prefect_server = stack.enter_context(
-            _background(
-                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
-                + ["--port", str(prefect_port)],
-                base_env,
-                prefect_log,
-            )
-        )
-        mlflow_log = tmp_path / "mlflow-server.log"
-        mlflow_server = stack.enter_context(
-            _background(
-                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1"]
-                + ["--port", str(mlflow_port)]
-                + ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-                + ["--default-artifact-root", (tmp_path / "mlflow-artifacts").as_uri()],
-                {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                mlflow_log,
-            )
-        )
-        _wait_healthy(f"{api}/health", prefect_server, prefect_log)
-        _wait_healthy(f"{mlflow_url}/health", mlflow_server, mlflow_log)
+        stack.enter_context(tracking_servers(tmp_path, base_env, prefect_port, mlflow_port))
 
         # What deployments/README.md tells an operator to run, from the repository root.
         prefect = str(BIN / "prefect")
-        _cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
+        checked_cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
         deploy = [prefect, "--no-prompt", "deploy", "--all", "--prefect-file"]
-        _cli([*deploy, "deployments/prefect.yaml"], client_env)
+        checked_cli([*deploy, "deployments/prefect.yaml"], client_env)
         # The Kubernetes/GPU pool and its deployments are only registered, never run here:
         # the server must accept the job template and the deployments must refer to it.
         gpu_template = "deployments/k8s-gpu-job-template.json"
-        _cli(
+        checked_cli(
             [prefect, "work-pool", "create", "seqmodels-gpu", "--type", "kubernetes"]
             + ["--base-job-template", gpu_template],
             client_env,
         )
-        _cli([*deploy, "deployments/prefect-gpu.yaml"], client_env)
+        checked_cli([*deploy, "deployments/prefect-gpu.yaml"], client_env)
 
         with temporary_settings(updates={PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
@@ -214,7 +139,7 @@ def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tm
             # picks up none of their runs (a watch run is due as soon as it is deployed).
             worker_log = tmp_path / "worker.log"
             stack.enter_context(
-                _background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
+                background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
             )
             started = time.monotonic()
             flow_run = run_deployment(

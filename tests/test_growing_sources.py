@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -32,18 +31,7 @@ from seqmodels.data.sources import (
     read_corpus_version,
     resolve_corpus,
 )
-
-HOUR = 3600.0
-
-
-def write_rows(folder: Path, name: str, texts: list[str], age: float = HOUR) -> Path:
-    """A jsonl file of {"text": ...} rows whose last change was `age` seconds ago."""
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    stamp = time.time() - age
-    os.utime(path, (stamp, stamp))
-    return path
+from tests.test_corpus_updates import write_rows  # settled jsonl files of {text} rows
 
 
 def incoming(folder: Path, **settings) -> SourceFile:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from seqmodels.evaluation.significance import compare_language_models, compare_t
 from tasks.promotion import promote_if_better
 from tasks.registry import register_model_version
 from tasks.tracking import experiment_id, mlflow_client
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LM_EXPERIMENT = ExperimentConfig.model_validate(
@@ -222,15 +222,9 @@ def test_two_processes_registering_at_once_on_sqlite(tmp_path, tiny_ngram_dir, p
     _check_after_race(uri, _run_two_workers(uri, str(tiny_ngram_dir), tmp_path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [
