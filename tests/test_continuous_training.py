@@ -13,8 +13,11 @@ The story, in order:
    and records the decision naming A and B.
 3. Nothing lands: the next watch emits nothing and a run of the nightly deployment ends as
    "no new data" without a new version.
-4. The fourth file is complete: the watch emits again, the triggered run is SIGKILLed mid-
-   training, and the next run of the nightly deployment resumes it: exactly one new version.
+4. The fourth file is complete: the watch emits again and the trigger starts a run. While it
+   runs, a second `seqmodels.corpus.changed` arrives: the trigger's run of it waits for the
+   deployment's slot (ENQUEUE) instead of being dropped or running beside the first. The
+   first run is SIGKILLed mid-training; the queued run then starts and resumes that
+   training: exactly one new version.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import copy
 import json
 import os
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -335,13 +339,43 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
                 assert [v.version for v in model_versions(mlflow)] == ["1", "2"]
                 assert len(emitted()) == 1
 
-            # 4. The fourth file is complete: version C. The triggered run is killed while it
-            # trains; the next nightly run resumes that training and registers version 3.
+            # 4. The fourth file is complete: version C, and the trigger starts a run.
             before = set(checkpoints.glob("*/checkpoints/step-*.pt"))
             known = set(nightly_runs())
             watch(f"emitted {EVENT}")
             killed = triggered_run(known)
             assert killed.created_by.type == "AUTOMATION"
+            wait_for(
+                lambda: client.read_flow_run(killed.id).state.is_running(),
+                120,
+                "the triggered run to start" + tails(),
+            )
+            # While it runs, the change is announced again (as a second watch would): the
+            # trigger's run of it must wait for the slot, not be dropped or run beside it.
+            (latest,) = emitted()[-1:]
+            emitter = subprocess.Popen(
+                [prefect, "event", "emit", EVENT, "--resource-id", latest.resource.id]
+                + ["--payload", json.dumps(latest.payload)],
+                env=client_env,
+                stdout=subprocess.DEVNULL,
+            )
+            queued = triggered_run(known | {killed.id})
+            assert queued.created_by.type == "AUTOMATION"
+            assert emitter.wait(timeout=60) == 0
+            # The worker offers it and the server holds it back: the first run has the slot.
+            waiting = wait_for(
+                lambda: (
+                    (s := client.read_flow_run(queued.id).state).name == "AwaitingConcurrencySlot"
+                    and s
+                ),
+                60,
+                "the second triggered run to wait for the slot" + tails(),
+            )
+            assert waiting.is_scheduled(), waiting
+            assert client.read_flow_run(killed.id).state.is_running(), tails()
+
+            # The first run is killed while it trains; the queued run then resumes that
+            # training and registers version 3.
             new_checkpoints = wait_for(
                 lambda: set(checkpoints.glob("*/checkpoints/step-*.pt")) - before,
                 300,
@@ -359,12 +393,19 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             )
             assert state.type == StateType.CRASHED, state
             # The last checkpoint the killed run wrote: it trains on while the kill is on its
-            # way (300 tiny steps take seconds), so this is read once the process is dead.
+            # way (tiny steps, a hundred a second), so this is read once the process is dead.
             written = set(checkpoints.glob("*/checkpoints/step-*.pt")) - before
             killed_at = max(int(p.stem.split("-")[1]) for p in written)
+            assert killed_at < 800, "the kill landed after training ended: nothing to resume"
             assert [v.version for v in model_versions(mlflow)] == ["1", "2"]
 
-            resumed = run_and_wait(NIGHTLY)
+            resumed = wait_for(
+                lambda: (r := client.read_flow_run(queued.id)).state.is_final() and r,
+                420,
+                "the queued run to finish" + tails(),
+            )
+            assert resumed.state.is_completed(), repr(resumed.state) + tails()
+            assert resumed.start_time >= state.timestamp  # it waited for the killed run
             run_c = pipeline_run(mlflow, experiment_subflow_ids(resumed.id))
             assert frozen_train_files(mlflow, run_c) == [f"part-{i}.jsonl" for i in range(1, 5)]
             assert [v.version for v in model_versions(mlflow)] == ["1", "2", "3"]
@@ -373,5 +414,5 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             assert training.data.metrics["resumed_from_step"] >= 10
             assert training.data.metrics["resumed_from_step"] <= killed_at
             assert v3.tags["corpus_version"] == run_c.data.tags["corpus_version"]
-            assert len(emitted()) == 2
+            assert len(emitted()) == 3
     print(f"continuous training on real servers: {time.monotonic() - started:.0f} s")
