@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from seqmodels.config import ExperimentConfig, ModelSpec
+from seqmodels.config import ExperimentConfig, ModelSpec, without_distributed
 from seqmodels.data.replay import continuation_parquet
 from seqmodels.data.sources import CorpusVersion, read_corpus_version
 from seqmodels.evaluation.promotion import CHAMPION
@@ -28,9 +28,11 @@ from seqmodels.evaluation.scoring import (
     outputs_record,
 )
 from seqmodels.files import atomic_write_text, file_sha256, json_digest
-from seqmodels.models.folder import folder_from_export, model_lineage, train_model
+from seqmodels.models.folder import folder_from_export, model_lineage
 from seqmodels.training.progress import TrainingProgress
+from seqmodels.training.settings import DistributedSettings
 from tasks.data import logged_corpus_version
+from tasks.launch import TrainRequest, launch_training, train_request
 from tasks.registry import METADATA_KEY, exported_folder
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
@@ -42,7 +44,7 @@ def training_dir(
     next run after a crash resumes from its last checkpoint instead of starting over."""
     # Only what the config sets: a new setting with a default must not rename every folder
     # (and so lose every resume point). The trainer's own resume key has all settings.
-    settings = spec.model_dump(mode="json", exclude_defaults=True)
+    settings = without_distributed(spec).model_dump(mode="json", exclude_defaults=True)
     key = json_digest(model_name, settings, parquet, spm, length=12)
     return Path(work_dir) / "models" / f"{model_name}-{key}"
 
@@ -210,6 +212,22 @@ def champion_start(
     }
 
 
+def train_in_process(
+    request: TrainRequest, progress: TrainingProgress, distributed: DistributedSettings | None
+) -> dict:
+    """The request trained here (`distributed` None), or by the workers of a launch."""
+    if distributed is not None:
+        get_run_logger().info(
+            "%s: launching %d x %d worker processes",
+            request.model_name,
+            distributed.nnodes,
+            distributed.nproc_per_node,
+        )
+        return launch_training(request, distributed)
+    on_metrics = MetricLogger(mlflow_client(request.tracking_uri), request.run_id)
+    return train_request(request, on_metrics, progress)
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """A crash of the process or device may pass (the retry resumes from the last checkpoint);
     a bad config or missing file will not."""
@@ -228,9 +246,10 @@ def _worth_retrying(task, task_run, state) -> bool:
     retries=1,
     retry_delay_seconds=30,
     retry_condition_fn=_worth_retrying,
-    # Unchanged model, data and vocabulary: the trained model is reused (a new parent run
-    # does not count as a change). refresh_cache retrains from scratch.
-    cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE,
+    # Unchanged model, data and vocabulary: the trained model is reused (a new parent run, or
+    # the number of processes it trains on, does not count as a change). refresh_cache
+    # retrains from scratch.
+    cache_policy=(INPUTS - "parent_run_id" - "distributed") + TASK_SOURCE,
     persist_result=True,
 )
 def train_model_run(
@@ -248,11 +267,14 @@ def train_model_run(
     from_scratch: bool = False,
     init_from: str | None = None,
     extra_lineage: dict[str, str] | None = None,
+    distributed: DistributedSettings | None = None,
 ) -> dict:
     """Train `model_name` in an MLflow child run; returns its run id and model folder.
     `spm_model`: the experiment's vocabulary (None when every model brings its own
     tokenizer); `init_from`: a pinned registry or run URI whose weights training starts from;
-    `extra_lineage`: more tags for the run and the registered version."""
+    `extra_lineage`: more tags for the run and the registered version; `distributed`: train
+    on that many worker processes (the spec's own training.distributed is ignored: the
+    stage passes it here, out of the cache key)."""
     client = mlflow_client(tracking_uri)
     out_dir = training_dir(work_dir, model_name, spec, parquet, spm_model)
     if init_from is not None:  # the pinned parent is part of the folder's identity
@@ -271,23 +293,27 @@ def train_model_run(
         lineage["parent_version"] = init_from.rsplit("/", 1)[1]
     for key, value in lineage.items():
         client.set_tag(run_id, key, value)
+    if distributed is not None:  # a tag, not a param: a resumed run may use other numbers
+        client.set_tag(run_id, "distributed", f"{distributed.nnodes}x{distributed.nproc_per_node}")
     try:
         with (
             tempfile.TemporaryDirectory() as tmp,
             TrainingProgress(model_name, get_run_logger()) as progress,
         ):
             parent = fetch_model_folder(init_from, Path(tmp)) if init_from else None
-            summary = train_model(
-                spec,
+            request = TrainRequest(
+                model_name,
+                without_distributed(spec).model_dump(mode="json"),
                 task_kind,
-                Path(parquet),
-                Path(spm_model) if spm_model else None,
-                out_dir,
-                decoding=decoding,
-                on_metrics=MetricLogger(client, run_id),
-                on_progress=progress,
-                init_from=parent,
+                decoding,
+                parquet,
+                spm_model,
+                str(out_dir),
+                tracking_uri,
+                run_id,
+                init_from=str(parent) if parent else None,
             )
+            summary = train_in_process(request, progress, distributed)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
