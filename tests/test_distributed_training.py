@@ -5,7 +5,6 @@ and the config checks."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from seqmodels.training.distributed import WorkerFailed, launch
 from seqmodels.training.settings import DistributedSettings
 from tasks.launch import TrainRequest, launch_training, train_request
 from tasks.modeling import training_dir
-from tests.conftest import REPO, SHAKESPEARE_SHA256, SHAKESPEARE_URL
+from tests.conftest import SHAKESPEARE_SHA256, SHAKESPEARE_URL
+from tests.launch_workers import fail_on_rank_1
 from tests.pipeline_cli import CLI, cli_env, run_checked
 
 EXPERIMENT = "lm-dist"
@@ -28,7 +28,14 @@ MODEL = {
     "type": "transformer_lm",
     # No dropout: rank 1 draws other masks than one process would, and a resumed rank 1
     # other masks than an uninterrupted one; without it both runs must agree.
-    "architecture": {"n_layer": 1, "n_head": 2, "d_model": 32, "d_ff": 64, "block_size": 32},
+    "architecture": {
+        "n_layer": 1,
+        "n_head": 2,
+        "d_model": 32,
+        "d_ff": 64,
+        "block_size": 32,
+        "dropout": 0.0,
+    },
     "training": {
         "max_steps": 8,
         "batch_tokens": 512,
@@ -39,7 +46,6 @@ MODEL = {
         "keep_last": 10,
     },
 }
-MODEL["architecture"]["dropout"] = 0.0
 
 CONFIG = """
 work_dir: {work}
@@ -92,44 +98,137 @@ def loss_curve(client: MlflowClient, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
 
 
-def single_process_spec():
-    return parse_model_spec(MODEL)
+def experiment_files(work: Path) -> tuple[Path, Path]:
+    """The cleaned corpus and the vocabulary the pipeline trained the model on."""
+    (parquet,) = (work / EXPERIMENT / "clean").glob("*/corpus.parquet")
+    (spm,) = (work / EXPERIMENT / "vocab").glob("*/spm.model")
+    return parquet, spm
 
 
-def test_two_process_training_registers_the_single_process_loss_curve(pipeline_run, tmp_path):
+def request_for(out_dir: Path, parquet: Path, spm: Path, mlflow_run: tuple[str, str]):
+    """A TrainRequest of the test's model (trained in `out_dir`, metrics to `mlflow_run`:
+    (tracking URI, run id))."""
+    return TrainRequest(
+        model_name="transformer",
+        spec=parse_model_spec(MODEL).model_dump(mode="json"),
+        task_kind="language_model",
+        decoding={},
+        parquet=str(parquet),
+        spm_model=str(spm),
+        out_dir=str(out_dir),
+        tracking_uri=mlflow_run[0],
+        run_id=mlflow_run[1],
+    )
+
+
+@pytest.mark.e2e
+def test_two_processes_register_the_loss_curve_of_one(pipeline_run, tmp_path):
     client, run = pipeline_run["client"], pipeline_run["run"]
     model_dir = Path(run.data.tags["training_dir"])
     assert run.data.tags["distributed"] == "1x2"
-    assert (model_dir / META_FILE).is_file() and (model_dir / "spm.model").is_file()
-    # The folder is the one a single-process training of this model uses, so either resumes
-    # the other's checkpoints.
-    spm = model_dir / "spm.model"
-    (parquet,) = (pipeline_run["tmp"] / "work").rglob("*clean*/**/*.parquet") or [None]
-    config = load_config(pipeline_run["config"])
-    spec = config.experiments[EXPERIMENT].models["transformer"]
-    assert spec.training.distributed.nproc_per_node == 2
-    assert model_dir.name == training_dir("w", "transformer", without_distributed(spec), "", "").name or True
+    assert {META_FILE, "spm.model", "model.pt"} <= {p.name for p in model_dir.iterdir()}
+    # Rank 0 alone checkpoints: every 2 steps, nothing else in the folder.
+    assert [s for s, _ in list_checkpoints(model_dir / "checkpoints")] == [2, 4, 6, 8]
+    parquet, spm = experiment_files(pipeline_run["tmp"] / "work")
+    # The same folder as the model trained in one process: either resumes the other.
+    single = parse_model_spec(MODEL)
+    work_dir = str(pipeline_run["tmp"] / "work" / EXPERIMENT)
+    assert training_dir(work_dir, "transformer", single, str(parquet), str(spm)) == model_dir
 
-    # The reference: the same model trained in this one process.
-    curve: dict[int, float] = {}
-    train_request(
-        TrainRequest(
-            "transformer",
-            single_process_spec().model_dump(mode="json"),
-            "language_model",
-            {},
-            str(parquet),
-            str(spm),
-            str(tmp_path / "single"),
-            "",
-            "",
-        ),
-        on_metrics=lambda metrics, step: curve.update(
-            {step: metrics["train_loss"]} if "train_loss" in metrics else {}
-        ),
-        on_progress=None,
-    )
+    reference: dict[int, float] = {}
+
+    def keep_train_loss(metrics: dict[str, float], step: int) -> None:
+        if "train_loss" in metrics:
+            reference[step] = metrics["train_loss"]
+
+    train_request(request_for(tmp_path / "single", parquet, spm, ("", "")), keep_train_loss, None)
     got = loss_curve(client, run.info.run_id)
-    assert sorted(got) == sorted(curve) == list(range(1, 9))
-    for step, loss in curve.items():
+    assert sorted(got) == sorted(reference) == list(range(1, 9))
+    for step, loss in reference.items():
         assert got[step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.e2e
+def test_a_launch_stopped_after_4_steps_resumes_and_ends_like_an_uninterrupted_one(
+    pipeline_run, tmp_path
+):
+    client, run = pipeline_run["client"], pipeline_run["run"]
+    finished = Path(run.data.tags["training_dir"])
+    # What a launch killed after its step-4 checkpoint leaves: checkpoints up to step 4.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished, stopped)
+    for step, path in list_checkpoints(stopped / "checkpoints"):
+        if step > 4:
+            path.unlink()
+    for name in (META_FILE, "model.pt"):
+        (stopped / name).unlink()
+    parquet, spm = experiment_files(pipeline_run["tmp"] / "work")
+    uri = f"sqlite:///{pipeline_run['tmp'] / 'mlflow.db'}"
+    resumed_run = client.create_run(run.info.experiment_id, run_name="resumed").info.run_id
+
+    summary = launch_training(
+        request_for(stopped, parquet, spm, (uri, resumed_run)),
+        DistributedSettings(nproc_per_node=2),
+    )
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
+    expected = torch.load(finished / "model.pt", weights_only=True)
+    got = torch.load(stopped / "model.pt", weights_only=True)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    uninterrupted = loss_curve(client, run.info.run_id)
+    assert loss_curve(client, resumed_run) == {s: uninterrupted[s] for s in range(5, 9)}
+
+
+def test_a_worker_failing_on_rank_1_fails_the_launch_with_its_rank_and_error():
+    with pytest.raises(WorkerFailed) as failed:
+        launch(DistributedSettings(nproc_per_node=2), fail_on_rank_1)
+    assert failed.value.rank == 1
+    message = str(failed.value)
+    assert "rank 1" in message and "FloatingPointError: loss is NaN on rank 1" in message
+    assert "fail_on_rank_1" in message  # the worker's traceback
+
+
+@pytest.mark.parametrize(
+    ("model", "error"),
+    [
+        (
+            "ngram: {type: ngram, architecture: {order: 3}, "
+            "training: {distributed: {nproc_per_node: 2}}}",
+            "model 'ngram': training.distributed: a ngram model trains in one process",
+        ),
+        (
+            "gpt: {type: hf_causal_lm, architecture: {pretrained: /nowhere}, "
+            "training: {distributed: {nproc_per_node: 2}}}",
+            "model 'gpt': training.distributed: a hf_causal_lm model trains in one process",
+        ),
+        (
+            "lm: {type: transformer_lm, training: {distributed: {nproc_per_node: 0}}}",
+            "models.lm (transformer_lm).training.distributed.nproc_per_node: Input should be "
+            "greater than or equal to 1",
+        ),
+        (
+            "lm: {type: transformer_lm, training: {distributed: {nnodes: 2}}}",
+            "models.lm (transformer_lm).training.distributed: Value error, nnodes: 2 needs "
+            "rdzv_endpoint",
+        ),
+        (
+            "lm: {type: transformer_lm, training: {distributed: {nnodes: 2, "
+            "rdzv_endpoint: node0}}}",
+            "rdzv_endpoint 'node0' is not host:port",
+        ),
+    ],
+)
+def test_config_errors_name_the_file_and_the_field(tmp_path, model, error):
+    models = f"    models:\n      {model}\n"
+    config = write_config(tmp_path / "bad.yaml", tmp_path, {}, models=models)
+    with pytest.raises(ConfigError) as refused:
+        load_config(config)
+    assert str(config) in str(refused.value) and error in str(refused.value)
+
+
+def test_the_process_count_is_out_of_the_config_fingerprint(tmp_path):
+    one = load_config(write_config(tmp_path / "one.yaml", tmp_path, MODEL["training"]))
+    training = {**MODEL["training"], "distributed": {"nproc_per_node": 8}}
+    eight = load_config(write_config(tmp_path / "eight.yaml", tmp_path, training))
+    assert one.fingerprint() == eight.fingerprint()
+    spec = eight.experiments[EXPERIMENT].models["transformer"]
+    assert without_distributed(spec) == one.experiments[EXPERIMENT].models["transformer"]
