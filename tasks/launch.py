@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 from seqmodels.config import parse_model_spec
 from seqmodels.models.folder import train_model
 from seqmodels.training import distributed
-from seqmodels.training.distributed import launch
+from seqmodels.training.distributed import WorkerFailed, launch
 from seqmodels.training.progress import TrainingProgress
 from seqmodels.training.settings import DistributedSettings
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback
@@ -105,16 +106,31 @@ def launch_training(request: TrainRequest, settings: DistributedSettings) -> dic
     return results[0]
 
 
-def join(settings: DistributedSettings, node_rank: int) -> int:
+def join(settings: DistributedSettings, node_rank: int, idle_timeout_s: int = 900) -> int:
     """Serve as node `node_rank` for every training node 0 launches, until none comes within
-    the rendezvous timeout; returns how many trainings this node took part in."""
-    joined = 0
-    while True:
+    `idle_timeout_s`; returns how many trainings this node took part in."""
+    joined, deadline = 0, time.monotonic() + idle_timeout_s
+    while time.monotonic() < deadline:
         try:
-            launch(settings, train_worker, (None,), node_rank=node_rank)
-        except (RendezvousTimeoutError, TimeoutError, dist.DistStoreError):
-            return joined  # node 0 launched nothing more: its pipeline run is over
-        joined += 1
+            launch(
+                settings,
+                train_worker,
+                (None,),
+                node_rank=node_rank,
+                rendezvous_timeout_s=max(1, int(deadline - time.monotonic())),
+            )
+        except (RendezvousTimeoutError, TimeoutError, dist.DistError) as exc:
+            # Node 0 is not listening: between two trainings, or its pipeline run is over.
+            log.debug("no training to join yet (%s)", exc)
+            time.sleep(1)
+            continue
+        except WorkerFailed as exc:  # node 0 fails its task with the error; it may retry
+            log.error("%s", exc)
+        joined, deadline = joined + 1, time.monotonic() + idle_timeout_s
+        # Node 0 closes the finished training's rendezvous as its workers exit: let it, so
+        # that the next attempt meets the next training, not the end of this one.
+        time.sleep(5)
+    return joined
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.get("SEQMODELS_NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", 1))
         ),
     )
+    parser.add_argument(
+        "--idle-timeout-s",
+        type=int,
+        default=900,
+        help="stop when node 0 launches no training for this long (its pipeline run is over)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = DistributedSettings(
@@ -139,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.node_rank < 1:
         parser.error("node 0 runs the pipeline; a joining node has --node-rank >= 1")
-    log.info("node %d joined %d training(s)", args.node_rank, join(settings, args.node_rank))
+    log.info(
+        "node %d joined %d training(s)",
+        args.node_rank,
+        join(settings, args.node_rank, args.idle_timeout_s),
+    )
 
 
 if __name__ == "__main__":

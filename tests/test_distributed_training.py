@@ -5,7 +5,10 @@ and the config checks."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +22,10 @@ from seqmodels.training.distributed import WorkerFailed, launch
 from seqmodels.training.settings import DistributedSettings
 from tasks.launch import TrainRequest, launch_training, train_request
 from tasks.modeling import training_dir
-from tests.conftest import SHAKESPEARE_SHA256, SHAKESPEARE_URL
+from tests.conftest import REPO, SHAKESPEARE_SHA256, SHAKESPEARE_URL
 from tests.launch_workers import fail_on_rank_1
 from tests.pipeline_cli import CLI, cli_env, run_checked
+from tests.servers import free_port
 
 EXPERIMENT = "lm-dist"
 MODEL = {
@@ -176,6 +180,35 @@ def test_a_launch_stopped_after_4_steps_resumes_and_ends_like_an_uninterrupted_o
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     uninterrupted = loss_curve(client, run.info.run_id)
     assert loss_curve(client, resumed_run) == {s: uninterrupted[s] for s in range(5, 9)}
+
+
+@pytest.mark.e2e
+def test_a_second_node_joins_and_the_two_train_like_one_process(pipeline_run, tmp_path):
+    """Two nodes of one process each, both on this machine: node 0 launches (as the train
+    task does), node 1 runs the join command and gets the training from rank 0."""
+    client, run = pipeline_run["client"], pipeline_run["run"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    two_nodes = DistributedSettings(nproc_per_node=1, nnodes=2, rdzv_endpoint=endpoint)
+    join = [sys.executable, "-m", "tasks.launch", "join", "--nnodes", "2", "--node-rank", "1"]
+    join += ["--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--idle-timeout-s", "5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    node_1 = subprocess.Popen(join, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        parquet, spm = experiment_files(pipeline_run["tmp"] / "work")
+        uri = f"sqlite:///{pipeline_run['tmp'] / 'mlflow.db'}"
+        two_node_run = client.create_run(run.info.experiment_id, run_name="2 nodes").info.run_id
+        request = request_for(tmp_path / "two-nodes", parquet, spm, (uri, two_node_run))
+        summary = launch_training(request, two_nodes)
+        output = node_1.communicate(timeout=120)[0].decode()
+    finally:
+        node_1.kill()
+    assert node_1.returncode == 0 and "node 1 joined 1 training(s)" in output, output[-3000:]
+    assert summary["steps"] == 8
+    expected = loss_curve(client, run.info.run_id)  # 2 processes on one node
+    got = loss_curve(client, two_node_run)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), step
 
 
 def test_a_worker_failing_on_rank_1_fails_the_launch_with_its_rank_and_error():

@@ -128,12 +128,14 @@ def launch(
     *,
     node_rank: int = 0,
     run_id: str | None = None,
+    rendezvous_timeout_s: int = 900,
 ) -> dict[int, Any]:
     """Run `entrypoint(*args)` in settings.nproc_per_node processes on this node (the ranks of
     node `node_rank` of settings.nnodes), with torch's elastic launcher; returns the return
     values of this node's workers by global rank. `entrypoint` must be a module-level
     function and `args` picklable (the workers are spawned). WorkerFailed names the first
-    rank that failed and its exception with its traceback."""
+    rank that failed and its exception with its traceback. `rendezvous_timeout_s`: how long
+    the nodes wait for each other."""
     if settings.nnodes == 1:
         # torchrun --standalone: a private rendezvous on a free local port.
         rendezvous = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0"}
@@ -149,6 +151,7 @@ def launch(
         nproc_per_node=settings.nproc_per_node,
         max_restarts=settings.max_restarts,
         start_method="spawn",
+        rdzv_timeout=rendezvous_timeout_s,
         **rendezvous,
     )
     try:
