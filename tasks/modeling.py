@@ -212,10 +212,10 @@ def champion_start(
     }
 
 
-def train_in_process(
+def run_training(
     request: TrainRequest, progress: TrainingProgress, distributed: DistributedSettings | None
 ) -> dict:
-    """The request trained here (`distributed` None), or by the workers of a launch."""
+    """The request trained in this process (`distributed` None), or by a launch's workers."""
     if distributed is not None:
         get_run_logger().info(
             "%s: launching %d x %d worker processes",
@@ -300,20 +300,24 @@ def train_model_run(
             tempfile.TemporaryDirectory() as tmp,
             TrainingProgress(model_name, get_run_logger()) as progress,
         ):
-            parent = fetch_model_folder(init_from, Path(tmp)) if init_from else None
+            # Ranks on other nodes read the parent's weights too: then it goes to the shared
+            # work_dir, next to the training folder, instead of this pod's temp folder.
+            several_nodes = distributed is not None and distributed.nnodes > 1
+            fetch_to = out_dir.with_name(f"{out_dir.name}-parent") if several_nodes else tmp
+            parent = fetch_model_folder(init_from, Path(fetch_to)) if init_from else None
             request = TrainRequest(
-                model_name,
-                without_distributed(spec).model_dump(mode="json"),
-                task_kind,
-                decoding,
-                parquet,
-                spm_model,
-                str(out_dir),
-                tracking_uri,
-                run_id,
+                model_name=model_name,
+                spec=without_distributed(spec).model_dump(mode="json"),
+                task_kind=task_kind,
+                decoding=decoding,
+                parquet=parquet,
+                spm_model=spm_model,
+                out_dir=str(out_dir),
+                tracking_uri=tracking_uri,
+                run_id=run_id,
                 init_from=str(parent) if parent else None,
             )
-            summary = train_in_process(request, progress, distributed)
+            summary = run_training(request, progress, distributed)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

@@ -131,7 +131,7 @@ def test_two_processes_register_the_loss_curve_of_one(pipeline_run, tmp_path):
     model_dir = Path(run.data.tags["training_dir"])
     assert run.data.tags["distributed"] == "1x2"
     assert {META_FILE, "spm.model", "model.pt"} <= {p.name for p in model_dir.iterdir()}
-    # Rank 0 alone checkpoints: every 2 steps, nothing else in the folder.
+    # One checkpoint file per 2 steps (rank 0 writes them; the others only read).
     assert [s for s, _ in list_checkpoints(model_dir / "checkpoints")] == [2, 4, 6, 8]
     parquet, spm = experiment_files(pipeline_run["tmp"] / "work")
     # The same folder as the model trained in one process: either resumes the other.
