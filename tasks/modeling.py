@@ -29,6 +29,7 @@ from seqmodels.evaluation.scoring import (
 )
 from seqmodels.files import atomic_write_text, file_sha256, json_digest
 from seqmodels.models.folder import folder_from_export, model_lineage
+from seqmodels.training.distributed import WorkerFailed
 from seqmodels.training.progress import TrainingProgress
 from seqmodels.training.settings import DistributedSettings
 from tasks.data import logged_corpus_version
@@ -228,13 +229,19 @@ def run_training(
     return train_request(request, on_metrics, progress)
 
 
+# Errors a retry would meet again: a bad config, a missing file.
+PERMANENT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """A crash of the process or device may pass (the retry resumes from the last checkpoint);
-    a bad config or missing file will not."""
+    a bad config or missing file will not, in this process or in a launch's worker."""
     try:
         state.result()
-    except (ValueError, TypeError, KeyError, FileNotFoundError):
+    except PERMANENT_ERRORS:
         return False
+    except WorkerFailed as exc:
+        return exc.exception not in {error.__name__ for error in PERMANENT_ERRORS}
     except Exception:
         return True
     return False

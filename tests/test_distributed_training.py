@@ -1,7 +1,7 @@
 """The pipeline's train stage launching a model's training on several worker processes
 (`training.distributed`), on CPU with gloo: the same losses as one process at the same global
-batch, checkpoints that a later launch resumes exactly, a failing worker named in the error,
-and the config checks."""
+batch, checkpoints that a later launch resumes exactly (or one process resumes), a second node
+that joins, a failing worker named in the error, and the config checks."""
 
 from __future__ import annotations
 
@@ -153,19 +153,24 @@ def test_two_processes_register_the_loss_curve_of_one(pipeline_run, tmp_path):
 
 
 @pytest.mark.e2e
+def stopped_after(finished: Path, step: int, copy: Path) -> Path:
+    """A copy of a finished training folder as a launch killed right after its checkpoint of
+    `step` leaves it: no later checkpoint, no weights, no metadata."""
+    shutil.copytree(finished, copy)
+    for saved, path in list_checkpoints(copy / "checkpoints"):
+        if saved > step:
+            path.unlink()
+    for name in (META_FILE, "model.pt"):
+        (copy / name).unlink()
+    return copy
+
+
 def test_a_launch_stopped_after_4_steps_resumes_and_ends_like_an_uninterrupted_one(
     pipeline_run, tmp_path
 ):
     client, run = pipeline_run["client"], pipeline_run["run"]
     finished = Path(run.data.tags["training_dir"])
-    # What a launch killed after its step-4 checkpoint leaves: checkpoints up to step 4.
-    stopped = tmp_path / "stopped"
-    shutil.copytree(finished, stopped)
-    for step, path in list_checkpoints(stopped / "checkpoints"):
-        if step > 4:
-            path.unlink()
-    for name in (META_FILE, "model.pt"):
-        (stopped / name).unlink()
+    stopped = stopped_after(finished, 4, tmp_path / "stopped")
     parquet, spm = experiment_files(pipeline_run["tmp"] / "work")
     uri = f"sqlite:///{pipeline_run['tmp'] / 'mlflow.db'}"
     resumed_run = client.create_run(run.info.experiment_id, run_name="resumed").info.run_id
@@ -180,6 +185,15 @@ def test_a_launch_stopped_after_4_steps_resumes_and_ends_like_an_uninterrupted_o
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     uninterrupted = loss_curve(client, run.info.run_id)
     assert loss_curve(client, resumed_run) == {s: uninterrupted[s] for s in range(5, 9)}
+
+    # One process continues the two processes' checkpoint too (the folder and resume key
+    # ignore the process count), on the same trajectory up to float summation order.
+    alone = stopped_after(finished, 4, tmp_path / "alone")
+    summary = train_request(request_for(alone, parquet, spm, ("", "")), None, None)
+    assert summary["resumed_from_step"] == 4
+    got = torch.load(alone / "model.pt", weights_only=True)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.e2e
@@ -214,7 +228,7 @@ def test_a_second_node_joins_and_the_two_train_like_one_process(pipeline_run, tm
 def test_a_worker_failing_on_rank_1_fails_the_launch_with_its_rank_and_error():
     with pytest.raises(WorkerFailed) as failed:
         launch(DistributedSettings(nproc_per_node=2), fail_on_rank_1)
-    assert failed.value.rank == 1
+    assert failed.value.rank == 1 and failed.value.exception == "FloatingPointError"
     message = str(failed.value)
     assert "rank 1" in message and "FloatingPointError: loss is NaN on rank 1" in message
     assert "fail_on_rank_1" in message  # the worker's traceback

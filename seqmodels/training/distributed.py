@@ -119,6 +119,9 @@ class WorkerFailed(RuntimeError):
     def __init__(self, rank: int, error: str):
         super().__init__(f"training worker rank {rank} failed: {error}")
         self.rank, self.error = rank, error
+        # The worker's exception class ("ValueError"), "" when it died without one (a signal).
+        head = error.split(":", 1)[0]
+        self.exception = head if head.isidentifier() else ""
 
 
 def launch(
