@@ -77,7 +77,7 @@ def parse_model_spec(data: dict[str, Any]):
     return _MODEL_SPEC.validate_python(data)
 
 
-def without_distributed(spec):
+def without_distributed(spec: ModelSpec) -> ModelSpec:
     """`spec` with no training.distributed: how many processes train a model changes neither
     its folder, its resume key nor the cache keys, so 1 or 8 GPUs continue each other."""
     if getattr(spec.training, "distributed", None) is None:
@@ -96,7 +96,7 @@ TASK_FAMILIES = {
 SEQ2SEQ_TASKS = ("translation", "summarization")
 
 
-def check_distributed(name: str, spec) -> None:
+def check_distributed(name: str, spec: ModelSpec) -> None:
     """A ValueError naming the model when its family cannot train on several processes."""
     if getattr(spec.training, "distributed", None) is None:
         return

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from seqmodels.training.settings import DistributedSettings
@@ -164,7 +164,7 @@ def launch(
         raise WorkerFailed(rank, failure_text(failure)) from None
 
 
-def failure_text(failure) -> str:
+def failure_text(failure: ProcessFailure) -> str:
     """A worker's exception and traceback from its error file, or how it ended (a signal)."""
     message = failure.error_file_data.get("message")
     if isinstance(message, dict):  # written by @record: the exception and its traceback
