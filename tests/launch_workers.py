@@ -4,6 +4,7 @@ import them by name) and in a module that imports little, so they start fast."""
 from __future__ import annotations
 
 import os
+import signal
 
 
 def fail_on_rank_1() -> int:
@@ -11,4 +12,12 @@ def fail_on_rank_1() -> int:
     rank = int(os.environ["RANK"])
     if rank == 1:
         raise FloatingPointError(f"loss is NaN on rank {rank}")
+    return rank
+
+
+def killed_on_rank_1() -> int:
+    """Rank 1 dies as a process killed by the kernel (out of memory) would: no exception."""
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
     return rank

@@ -23,7 +23,7 @@ from seqmodels.training.settings import DistributedSettings
 from tasks.launch import TrainRequest, launch_training, train_request
 from tasks.modeling import training_dir
 from tests.conftest import REPO, SHAKESPEARE_SHA256, SHAKESPEARE_URL
-from tests.launch_workers import fail_on_rank_1
+from tests.launch_workers import fail_on_rank_1, killed_on_rank_1
 from tests.pipeline_cli import CLI, cli_env, run_checked
 from tests.servers import free_port
 
@@ -232,6 +232,13 @@ def test_a_worker_failing_on_rank_1_fails_the_launch_with_its_rank_and_error():
     message = str(failed.value)
     assert "rank 1" in message and "FloatingPointError: loss is NaN on rank 1" in message
     assert "fail_on_rank_1" in message  # the worker's traceback
+
+
+def test_a_worker_killed_on_rank_1_fails_the_launch_with_its_rank_and_signal():
+    with pytest.raises(WorkerFailed) as failed:
+        launch(DistributedSettings(nproc_per_node=2), killed_on_rank_1)
+    assert failed.value.rank == 1 and failed.value.exception == ""
+    assert "rank 1" in str(failed.value) and "SIGKILL" in str(failed.value)
 
 
 @pytest.mark.parametrize(
