@@ -10,7 +10,13 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.transactions import transaction
 
-from seqmodels.config import CleanConfig, CorpusConfig, ExperimentConfig, VocabConfig
+from seqmodels.config import (
+    CleanConfig,
+    CorpusConfig,
+    ExperimentConfig,
+    VocabConfig,
+    without_distributed,
+)
 from seqmodels.data.sources import EntryFiles, FetchedFile, ResolvedCorpus, resolve_corpus
 from tasks.data import (
     clean_corpus_files,
@@ -167,7 +173,7 @@ def train_stage(
             spm, lineage = begin["spm_model"] or spm_model, begin["lineage"]
         args = (
             name,
-            spec,
+            without_distributed(spec),
             config.task,
             config.evaluation.model_dump(),
             data,
@@ -178,7 +184,12 @@ def train_stage(
             parent_run_id,
             workspace,
         )
-        return args, {"from_scratch": refresh_cache, "init_from": start, "extra_lineage": lineage}
+        return args, {
+            "from_scratch": refresh_cache,
+            "init_from": start,
+            "extra_lineage": lineage,
+            "distributed": getattr(spec.training, "distributed", None),  # out of the cache key
+        }
 
     if parallel_trainings() == 1:
         # In this thread, so the task timeout is enforced (Prefect cannot stop worker threads).

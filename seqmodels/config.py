@@ -77,6 +77,15 @@ def parse_model_spec(data: dict[str, Any]):
     return _MODEL_SPEC.validate_python(data)
 
 
+def without_distributed(spec: ModelSpec) -> ModelSpec:
+    """`spec` with no training.distributed: how many processes train a model changes neither
+    its folder, its resume key nor the cache keys, so 1 or 8 GPUs continue each other."""
+    if getattr(spec.training, "distributed", None) is None:
+        return spec
+    training = spec.training.model_copy(update={"distributed": None})
+    return spec.model_copy(update={"training": training})
+
+
 # The experiment task -> the kind of family it trains.
 TASK_FAMILIES = {
     "language_model": LANGUAGE_MODEL,
@@ -85,6 +94,17 @@ TASK_FAMILIES = {
 }
 # Tasks that read a parallel corpus (src -> tgt) and decode with beam search.
 SEQ2SEQ_TASKS = ("translation", "summarization")
+
+
+def check_distributed(name: str, spec: ModelSpec) -> None:
+    """A ValueError naming the model when its family cannot train on several processes."""
+    if getattr(spec.training, "distributed", None) is None:
+        return
+    if not FAMILIES[spec.type].distributed_training:
+        raise ValueError(
+            f"model {name!r}: training.distributed: a {spec.type} model trains in one process "
+            "(only the seqmodels neural families launch several)"
+        )
 
 
 class EvaluationConfig(Settings):
@@ -140,6 +160,7 @@ class ExperimentConfig(Settings):
                         f"model {name!r}: train_from: champion and init_from both say where "
                         "training starts: keep one"
                     )
+            check_distributed(name, spec)
             try:
                 family.preflight(spec.architecture)
             except ValueError as exc:
@@ -229,7 +250,14 @@ class PipelineConfig(Settings):
 
     def fingerprint(self) -> str:
         """Short hash of the resolved config: tags runs so equal configs are recognisable."""
-        return json_digest(self.model_dump(mode="json"), length=12)
+        experiments = {
+            name: exp.model_copy(
+                update={"models": {m: without_distributed(s) for m, s in exp.models.items()}}
+            )
+            for name, exp in self.experiments.items()
+        }
+        resolved = self.model_copy(update={"experiments": experiments})
+        return json_digest(resolved.model_dump(mode="json"), length=12)
 
 
 class ConfigError(ValueError):

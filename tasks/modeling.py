@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from seqmodels.config import ExperimentConfig, ModelSpec
+from seqmodels.config import ExperimentConfig, ModelSpec, without_distributed
 from seqmodels.data.replay import continuation_parquet
 from seqmodels.data.sources import CorpusVersion, read_corpus_version
 from seqmodels.evaluation.promotion import CHAMPION
@@ -28,9 +28,12 @@ from seqmodels.evaluation.scoring import (
     outputs_record,
 )
 from seqmodels.files import atomic_write_text, file_sha256, json_digest
-from seqmodels.models.folder import folder_from_export, model_lineage, train_model
+from seqmodels.models.folder import folder_from_export, model_lineage
+from seqmodels.training.distributed import WorkerFailed
 from seqmodels.training.progress import TrainingProgress
+from seqmodels.training.settings import DistributedSettings
 from tasks.data import logged_corpus_version
+from tasks.launch import TrainRequest, launch_training, train_request
 from tasks.registry import METADATA_KEY, exported_folder
 from tasks.tracking import MetricLogger, flatten, log_params, mlflow_client
 
@@ -42,7 +45,7 @@ def training_dir(
     next run after a crash resumes from its last checkpoint instead of starting over."""
     # Only what the config sets: a new setting with a default must not rename every folder
     # (and so lose every resume point). The trainer's own resume key has all settings.
-    settings = spec.model_dump(mode="json", exclude_defaults=True)
+    settings = without_distributed(spec).model_dump(mode="json", exclude_defaults=True)
     key = json_digest(model_name, settings, parquet, spm, length=12)
     return Path(work_dir) / "models" / f"{model_name}-{key}"
 
@@ -210,13 +213,35 @@ def champion_start(
     }
 
 
+def run_training(
+    request: TrainRequest, progress: TrainingProgress, distributed: DistributedSettings | None
+) -> dict:
+    """The request trained in this process (`distributed` None), or by a launch's workers."""
+    if distributed is not None:
+        get_run_logger().info(
+            "%s: launching %d x %d worker processes",
+            request.model_name,
+            distributed.nnodes,
+            distributed.nproc_per_node,
+        )
+        return launch_training(request, distributed)
+    on_metrics = MetricLogger(mlflow_client(request.tracking_uri), request.run_id)
+    return train_request(request, on_metrics, progress)
+
+
+# Errors a retry would meet again: a bad config, a missing file.
+PERMANENT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """A crash of the process or device may pass (the retry resumes from the last checkpoint);
-    a bad config or missing file will not."""
+    a bad config or missing file will not, in this process or in a launch's worker."""
     try:
         state.result()
-    except (ValueError, TypeError, KeyError, FileNotFoundError):
+    except PERMANENT_ERRORS:
         return False
+    except WorkerFailed as exc:
+        return exc.exception not in {error.__name__ for error in PERMANENT_ERRORS}
     except Exception:
         return True
     return False
@@ -228,9 +253,10 @@ def _worth_retrying(task, task_run, state) -> bool:
     retries=1,
     retry_delay_seconds=30,
     retry_condition_fn=_worth_retrying,
-    # Unchanged model, data and vocabulary: the trained model is reused (a new parent run
-    # does not count as a change). refresh_cache retrains from scratch.
-    cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE,
+    # Unchanged model, data and vocabulary: the trained model is reused (a new parent run, or
+    # the number of processes it trains on, does not count as a change). refresh_cache
+    # retrains from scratch.
+    cache_policy=(INPUTS - "parent_run_id" - "distributed") + TASK_SOURCE,
     persist_result=True,
 )
 def train_model_run(
@@ -248,11 +274,14 @@ def train_model_run(
     from_scratch: bool = False,
     init_from: str | None = None,
     extra_lineage: dict[str, str] | None = None,
+    distributed: DistributedSettings | None = None,
 ) -> dict:
     """Train `model_name` in an MLflow child run; returns its run id and model folder.
     `spm_model`: the experiment's vocabulary (None when every model brings its own
     tokenizer); `init_from`: a pinned registry or run URI whose weights training starts from;
-    `extra_lineage`: more tags for the run and the registered version."""
+    `extra_lineage`: more tags for the run and the registered version; `distributed`: train
+    on that many worker processes (the spec's own training.distributed is ignored: the
+    stage passes it here, out of the cache key)."""
     client = mlflow_client(tracking_uri)
     out_dir = training_dir(work_dir, model_name, spec, parquet, spm_model)
     if init_from is not None:  # the pinned parent is part of the folder's identity
@@ -271,23 +300,31 @@ def train_model_run(
         lineage["parent_version"] = init_from.rsplit("/", 1)[1]
     for key, value in lineage.items():
         client.set_tag(run_id, key, value)
+    if distributed is not None:  # a tag, not a param: a resumed run may use other numbers
+        client.set_tag(run_id, "distributed", f"{distributed.nnodes}x{distributed.nproc_per_node}")
     try:
         with (
             tempfile.TemporaryDirectory() as tmp,
             TrainingProgress(model_name, get_run_logger()) as progress,
         ):
-            parent = fetch_model_folder(init_from, Path(tmp)) if init_from else None
-            summary = train_model(
-                spec,
-                task_kind,
-                Path(parquet),
-                Path(spm_model) if spm_model else None,
-                out_dir,
+            # Ranks on other nodes read the parent's weights too: then it goes to the shared
+            # work_dir, next to the training folder, instead of this pod's temp folder.
+            several_nodes = distributed is not None and distributed.nnodes > 1
+            fetch_to = out_dir.with_name(f"{out_dir.name}-parent") if several_nodes else tmp
+            parent = fetch_model_folder(init_from, Path(fetch_to)) if init_from else None
+            request = TrainRequest(
+                model_name=model_name,
+                spec=without_distributed(spec).model_dump(mode="json"),
+                task_kind=task_kind,
                 decoding=decoding,
-                on_metrics=MetricLogger(client, run_id),
-                on_progress=progress,
-                init_from=parent,
+                parquet=parquet,
+                spm_model=spm_model,
+                out_dir=str(out_dir),
+                tracking_uri=tracking_uri,
+                run_id=run_id,
+                init_from=str(parent) if parent else None,
             )
+            summary = run_training(request, progress, distributed)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

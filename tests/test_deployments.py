@@ -2,7 +2,8 @@
 a `prefect server`, an `mlflow server` (SQLite + local artefact root), `prefect deploy` from
 the repository root, a process work pool, and a `prefect worker` subprocess that picks up an
 ad-hoc run triggered through the API. Everything listens on 127.0.0.1 on free ports. The
-Kubernetes GPU pool and deployments/prefect-gpu.yaml are registered too, but not run."""
+Kubernetes GPU pools (one node, two nodes) and deployments/prefect-gpu.yaml are registered
+too, but not run."""
 
 from __future__ import annotations
 
@@ -94,6 +95,12 @@ def test_adhoc_deployment_runs_on_a_worker_against_prefect_and_mlflow_servers(tm
             client_env,
         )
         checked_cli([*deploy, "deployments/prefect-gpu.yaml"], client_env)
+        # The two-node pool (docs/scaling.md): one indexed Job, pod 0 runs the flow.
+        checked_cli(
+            [prefect, "work-pool", "create", "seqmodels-gpu-2node", "--type", "kubernetes"]
+            + ["--base-job-template", "deployments/k8s-gpu-2node-job-template.json"],
+            client_env,
+        )
 
         with temporary_settings(updates={PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:

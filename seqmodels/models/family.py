@@ -72,6 +72,8 @@ class ModelFamily:
     # Language models: "" for a likelihood (test_bits_per_char...), "pll_" for a masked LM's
     # pseudo-log-likelihood (test_pll_bits_per_char...), which is not comparable with it.
     metric_prefix: ClassVar[str] = ""
+    # The pipeline may launch its training on several processes (training.distributed).
+    distributed_training: ClassVar[bool] = False
 
     def preflight(self, arch: Any) -> None:
         """Checks of what lies outside the config (installed packages, a checkpoint to start
@@ -162,6 +164,7 @@ class NeuralLMFamily(ModelFamily):
     task = LANGUAGE_MODEL
     Training = LMTrainSettings
     warm_start = True
+    distributed_training = True
 
     def build(self, arch: Any, vocab_size: int) -> nn.Module:
         raise NotImplementedError
@@ -222,6 +225,7 @@ class Seq2SeqFamily(ModelFamily):
     task = SEQUENCE_TO_SEQUENCE
     Training = Seq2SeqTrainSettings
     warm_start = True
+    distributed_training = True
 
     def build(self, arch: Any, vocab_size: int) -> nn.Module:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from seqmodels.files import atomic_write_text, load_sentencepiece
 from seqmodels.models import get_family
 from seqmodels.models.family import WEIGHTS_FILE, TrainJob
+from seqmodels.training.distributed import process_rank
 from seqmodels.training.trainer import MetricsCallback, ProgressCallback
 
 META_FILE = "seqmodels.json"
@@ -69,10 +70,13 @@ def train_model(
     if init_from is not None:
         init_weights = check_warm_start(Path(init_from), spec, spm_model)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)  # unfinished until written again
-    if not family.own_tokenizer:
-        shutil.copyfile(spm_model, out_dir / "spm.model")
+    # Under a launch every rank trains; rank 0 alone writes the folder.
+    main = process_rank() == 0
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / META_FILE).unlink(missing_ok=True)  # unfinished until written again
+        if not family.own_tokenizer:
+            shutil.copyfile(spm_model, out_dir / "spm.model")
     started = time.perf_counter()
     job = TrainJob(spec.type, Path(parquet), spm_model, out_dir, on_metrics, on_progress)
     job.init_weights = init_weights
@@ -87,7 +91,8 @@ def train_model(
         "architecture": spec.architecture.model_dump(mode="json"),
         "decoding": {**(decoding or {}), **family.decoding_settings(spec.training)},
     }
-    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    if main:
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return summary
 
 

@@ -298,6 +298,9 @@ class PretrainedFamily:
     class and the module that wraps the Hugging Face model in the seqmodels interface."""
 
     own_tokenizer = True
+    # Every rank would write the checkpoint's files into the folder, and a LoRA model's frozen
+    # base is not what DistributedDataParallel expects: one process only.
+    distributed_training = False
     auto_class: ClassVar[str]  # "AutoModelForCausalLM", ...
     wrapper: ClassVar[Callable[[nn.Module], nn.Module]]
 

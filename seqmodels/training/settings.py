@@ -15,8 +15,35 @@ from pydantic import Field, model_validator
 from seqmodels.settings import Settings
 
 
+class DistributedSettings(Settings):
+    """How many processes the pipeline's train task launches (torch's elastic launcher): one
+    per GPU, or per CPU share with gloo. The same model on 1 or 8 GPUs is the same model: these
+    settings are in neither its folder name, its resume key nor any cache key."""
+
+    nproc_per_node: int = Field(default=1, ge=1)  # processes (GPUs) per node
+    nnodes: int = Field(default=1, ge=1)  # > 1: the other nodes run `python -m tasks.launch join`
+    rdzv_endpoint: str | None = None  # host:port of node 0, where the ranks meet (nnodes > 1)
+    max_restarts: int = Field(default=0, ge=0)  # relaunches of all workers after a failure
+
+    @model_validator(mode="after")
+    def _endpoint_for_several_nodes(self) -> DistributedSettings:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes: {self.nnodes} needs rdzv_endpoint (host:port of node 0, which every "
+                "node can reach)"
+            )
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        return self
+
+
 class NoTraining(Settings):
     """Families that are counted, not trained by steps (the n-gram model): no settings."""
+
+    # Accepted here only so that the config check can say why it does not apply.
+    distributed: DistributedSettings | None = None
 
 
 class TrainSettings(Settings):
@@ -57,6 +84,8 @@ class TrainSettings(Settings):
     train_from: Literal["scratch", "champion"] = "scratch"
     continue_steps: int | None = Field(default=None, gt=0)
     replay_fraction: float = Field(default=0.0, ge=0, le=1)
+    # None: the train task trains in its own process; set: it launches worker processes.
+    distributed: DistributedSettings | None = None
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainSettings:
@@ -97,5 +126,8 @@ RESUME_FREE_FIELDS = frozenset(
         "train_from",
         "continue_steps",
         "replay_fraction",
+        # How many processes share a global batch does not change the trajectory (every rank
+        # draws the same global batch and keeps its slice), so 1 or 8 GPUs resume each other.
+        "distributed",
     }
 )
