@@ -331,13 +331,16 @@ def gpt2(c: TransformerLMArchitecture, vocab_size: int):
     return GPT2LMHeadModel(config)
 
 
-def bench_model(name: str, size: dict, args, device, data) -> dict:
-    """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model."""
+def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | None = None) -> dict:
+    """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model.
+    `spm_path`: a ready SentencePiece model for the seq2seq shape (else one is trained)."""
     W, N = args.warmup, args.steps
     model_type = MODEL_TYPES[name]
     family = FAMILIES[model_type]
     if name == "seq2seq":
-        spm_path = sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
+        spm_path = spm_path or sentencepiece_model(
+            data, size["vocab"], WORKDIR, size.get("spm_lines")
+        )
         srcs_raw, tgts_raw, vocab = encode(data, "train", spm_path)
         arch = TransformerSeq2SeqArchitecture(
             d_model=size["d"],
