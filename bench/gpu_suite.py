@@ -78,7 +78,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def clean_experiment(name: str, work: Path, train_rows: int | None) -> Path:
+def clean_experiment(name: str, work: Path, train_rows: int | None, mirrors: list[str]) -> Path:
     """The experiment's corpus through seqmodels' clean stage; `train_rows` cuts the train
     split (a quick folder)."""
     import pyarrow.compute as pc
@@ -89,10 +89,9 @@ def clean_experiment(name: str, work: Path, train_rows: int | None) -> Path:
     from seqmodels.data.corpus_reader import prepare_inputs
     from seqmodels.data.download import download_file
 
-    mirrors = os.environ.get("SEQMODELS_MIRROR") or str(ROOT.parent / "shared" / "corpora")
     experiment = load_config(ROOT / "configs" / "default.yaml").experiments[name]
     corpus = experiment.corpus
-    raw = [download_file(f.url, f.sha256, work / "cache", mirrors.split(",")) for f in corpus.files]
+    raw = [download_file(f.url, f.sha256, work / "cache", mirrors) for f in corpus.files]
     inputs = prepare_inputs(raw, corpus, work)
     parquet, _ = clean_corpus(
         inputs, work / name, experiment.clean, corpus.kind, corpus.src_lang, corpus.tgt_lang
@@ -105,8 +104,16 @@ def clean_experiment(name: str, work: Path, train_rows: int | None) -> Path:
     return parquet
 
 
-def prepare(out: Path, quick: bool) -> dict:
-    """Write the suite's inputs and their manifest into `out`."""
+def default_mirrors() -> list[str]:
+    return (os.environ.get("SEQMODELS_MIRROR") or str(ROOT.parent / "shared" / "corpora")).split(
+        ","
+    )
+
+
+def prepare(out: Path, quick: bool, mirrors: list[str] | None = None) -> dict:
+    """Write the suite's inputs and their manifest into `out` (corpora from `mirrors`,
+    default SEQMODELS_MIRROR or ../shared/corpora)."""
+    mirrors = mirrors or default_mirrors()
     import shutil
 
     from seqmodels.data.settings import VocabConfig
@@ -117,8 +124,8 @@ def prepare(out: Path, quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
         work = Path(tmp)
         sources = {
-            MT_PARQUET: clean_experiment("mt-multi30k-de-en", work, rows),
-            LM_PARQUET: clean_experiment("lm-shakespeare", work, rows),
+            MT_PARQUET: clean_experiment("mt-multi30k-de-en", work, rows, mirrors),
+            LM_PARQUET: clean_experiment("lm-shakespeare", work, rows, mirrors),
         }
         # (file, parquet, columns, vocabulary size, quick size): the MT model's vocabulary,
         # the 16k one of bench/train_throughput.py, and the Shakespeare config's.
