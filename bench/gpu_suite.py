@@ -236,6 +236,10 @@ def run_part(name: str, budget_s: float, suite: SuiteRun) -> dict:
         line.update(status="over_budget", error=str(e))
     except Exception as e:  # one broken part must not sink the rest
         line.update(status="error", error=f"{type(e).__name__}: {e}")
+    finally:
+        from train_throughput import free_memory
+
+        free_memory()  # the next part starts with the GPU's memory back
     line["seconds"] = round(time.perf_counter() - started, 2)
     return line
 
