@@ -25,3 +25,15 @@ def multi30k(cache: Path) -> dict[str, list[str]]:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             out[f"{f.split}.{f.lang}"] = fh.read().split("\n")[:-1]
     return out
+
+
+def multi30k_from_parquet(parquet: Path) -> dict[str, list[str]]:
+    """Multi30k de-en lines by "split.lang" from seqmodels' cleaned Parquet (pyarrow only:
+    what bench/gpu_suite.py reads on a machine without Polars)."""
+    from seqmodels.data.splits import read_split
+
+    out = {}
+    for split in ("train", "valid", "test"):
+        rows = read_split(parquet, split, ["src", "tgt"])
+        out[f"{split}.de"], out[f"{split}.en"] = rows["src"], rows["tgt"]
+    return out

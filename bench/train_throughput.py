@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -185,35 +186,41 @@ def summarise(seconds: list[float], tokens: list[int], device) -> dict:
 
 def time_seqmodels(train, warmup: int, steps: int, tokens: list[int], device) -> dict:
     """Run seqmodels' trainer for warmup + steps steps; `train(settings, on_metrics,
-    out_dir)` calls train_*_model. A step's time is the time between the trainer's metric
-    callbacks (one per step), so it covers everything the training loop does."""
-    stamps: list[float] = []
-    reported: list[float] = []
+    out_dir)` calls train_*_model. Time is taken between the trainer's metric callbacks, so
+    it covers everything the training loop does. The trainer waits for the device only at
+    its log intervals: on CPU it logs every step (for the best single step), on CUDA every
+    gcd(warmup, steps) steps, so the timed span still starts right after the warmup."""
+    stamps: dict[int, float] = {}
+    reported: dict[int, float] = {}
     mfus: list[float] = []
 
     def on_metrics(metrics: dict, step: int) -> None:
         if "tokens_per_s" in metrics:  # a training log line (validation is off anyway)
-            stamps.append(time.perf_counter())
-            reported.append(metrics["tokens_per_s"])
+            stamps[step] = time.perf_counter()
+            reported[step] = metrics["tokens_per_s"]
             mfus.append(metrics.get("mfu", 0.0))
 
+    every = 1 if device.type == "cpu" else math.gcd(warmup, steps)
     settings = {
         "max_steps": warmup + steps,
-        "log_every": 1,  # one callback per step; the trainer syncs every step anyway
+        "log_every": every,
         "eval_every": 10**9,
         "checkpoint_every": 0,
         "resume": False,
     }
     with tempfile.TemporaryDirectory(prefix="seqmodels-bench-") as tmp:
         result = train(settings, on_metrics, Path(tmp))
-    assert len(stamps) == warmup + steps, (len(stamps), warmup + steps)
-    timed = tokens[warmup:]
-    out = summarise(np.diff(stamps[warmup - 1 :]).tolist(), timed, device)
-    # The trainer's own figures: its per-step tokens/s combined over the timed steps, and
-    # the MFU it reports for that rate.
-    own = sum(timed) / sum(n / r for n, r in zip(timed, reported[warmup:], strict=True))
+    ends = list(range(warmup, warmup + steps + 1, every))  # interval ends, warmup's included
+    assert all(step in stamps for step in ends), (sorted(stamps), ends)
+    seconds = [stamps[b] - stamps[a] for a, b in zip(ends, ends[1:], strict=False)]
+    counts = [sum(tokens[a:b]) for a, b in zip(ends, ends[1:], strict=False)]
+    out = summarise(seconds, counts, device)
+    # The trainer's own figures: its tokens/s per interval combined over the timed steps,
+    # and the MFU it reports for that rate.
+    rates = [reported[b] for b in ends[1:]]
+    own = sum(counts) / sum(n / r for n, r in zip(counts, rates, strict=True))
     out["trainer_reported_tokens_per_s"] = own
-    out["trainer_reported_mfu"] = own * mfus[-1] / reported[-1]
+    out["trainer_reported_mfu"] = own * mfus[-1] / rates[-1]
     out["padding_fraction"] = result.padding_fraction
     return out
 
@@ -331,13 +338,16 @@ def gpt2(c: TransformerLMArchitecture, vocab_size: int):
     return GPT2LMHeadModel(config)
 
 
-def bench_model(name: str, size: dict, args, device, data) -> dict:
-    """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model."""
+def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | None = None) -> dict:
+    """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model.
+    `spm_path`: a ready SentencePiece model for the seq2seq shape (else one is trained)."""
     W, N = args.warmup, args.steps
     model_type = MODEL_TYPES[name]
     family = FAMILIES[model_type]
     if name == "seq2seq":
-        spm_path = sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
+        spm_path = spm_path or sentencepiece_model(
+            data, size["vocab"], WORKDIR, size.get("spm_lines")
+        )
         srcs_raw, tgts_raw, vocab = encode(data, "train", spm_path)
         arch = TransformerSeq2SeqArchitecture(
             d_model=size["d"],

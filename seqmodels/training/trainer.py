@@ -248,6 +248,14 @@ class TrainingRun:
         self.run_hash = config_hash(job.model_identity, trajectory, job.data_fingerprint)
         self.book = self._resume_or_start()
         self.resumed_from = self.book.step
+        # Lazy host syncs: the loss sum of the log interval stays on the device (float64,
+        # added in the same order as Python floats, so logged values are unchanged) and the
+        # interval is timed by wall clock; both are read only by `flush_interval` (at log,
+        # validation, checkpoint and the end), not after every step.
+        self.log_loss_sum = torch.tensor(
+            self.book.log_loss, dtype=torch.float64, device=self.device
+        )
+        self.interval_start = time.perf_counter()
         self.model = self._wrap_model()
 
     # --- start -----------------------------------------------------------------------------
@@ -295,7 +303,6 @@ class TrainingRun:
     def train_step(self) -> None:
         """One optimizer step over grad_accum_steps batches."""
         cfg, ctx, device, book = self.job.settings, self.ctx, self.device, self.book
-        t0 = time.perf_counter()
         micro = [next(self.batches) for _ in range(cfg.grad_accum_steps)]
         n_tokens = sum(n for _, n in micro)
         if ctx.world > 1:
@@ -321,34 +328,47 @@ class TrainingRun:
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.clip_norm)
         self.scaler.step(self.opt)
         self.scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # so dt covers the optimizer step too
-        loss_value = float(step_loss)
-        dt = time.perf_counter() - t0
-        book.log_loss += loss_value
-        book.train_s += dt
-        book.train_tokens += n_tokens
+        self.log_loss_sum += step_loss.double()  # no host sync here (see __init__)
+        book.train_tokens += n_tokens  # token counts come from the host-side batcher
         book.log_tokens += n_tokens
         book.log_steps += 1
-        book.log_s += dt
-        self._report_progress(loss_value)
+        self._report_progress(step_loss)
 
-    def _report_progress(self, loss: float) -> None:
+    def flush_interval(self) -> None:
+        """Wait for the device, then move the interval's time and loss sum into `book`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the interval's time covers its kernels
+        now = time.perf_counter()
+        dt = now - self.interval_start
+        self.book.train_s += dt
+        self.book.log_s += dt
+        self.book.log_loss = float(self.log_loss_sum)
+        self.interval_start = now
+
+    def restart_interval_clock(self) -> None:
+        # Validation and checkpoints are not training time.
+        self.interval_start = time.perf_counter()
+
+    def _report_progress(self, step_loss: torch.Tensor) -> None:
         if not (self.ctx.is_main and self.job.on_progress):
             return
         book = self.book
+        # A progress display reads the loss every step: the one per-step sync left, and only
+        # when a display asks for it. Its tokens/s is the interval's wall-clock rate so far.
+        seconds = book.log_s + time.perf_counter() - self.interval_start
         self.job.on_progress(
             Progress(
                 step=book.step,
                 max_steps=self.job.settings.max_steps,
-                loss=loss,  # rank 0's estimate of the mean (its slice, scaled by world)
-                tokens_per_s=book.log_tokens / max(book.log_s, 1e-9),
+                loss=float(step_loss),  # rank 0's estimate of the mean (its slice, x world)
+                tokens_per_s=book.log_tokens / max(seconds, 1e-9),
                 elapsed_s=time.perf_counter() - self.t_start,
                 resumed_from_step=self.resumed_from,
             )
         )
 
     def log_training_metrics(self) -> None:
+        self.flush_interval()
         ctx, book = self.ctx, self.book
         loss = distributed.all_reduce_sum([book.log_loss], ctx, self.device)[0] / ctx.world
         tokens_per_s = book.log_tokens / max(book.log_s, 1e-9)
@@ -367,9 +387,17 @@ class TrainingRun:
             if self.job.on_metrics:
                 self.job.on_metrics(metrics, book.step)
         book.log_loss, book.log_tokens, book.log_steps, book.log_s = 0.0, 0, 0, 0.0
+        self.log_loss_sum.zero_()
 
     def validate(self) -> None:
         """Validation loss (and score), best-weights selection, early stopping."""
+        self.flush_interval()
+        try:
+            self._validate()
+        finally:
+            self.restart_interval_clock()
+
+    def _validate(self) -> None:
         book, ctx, job = self.book, self.ctx, self.job
         book.last_eval = book.step
         if not job.valid_batches and job.valid_score_fn is None:
@@ -422,6 +450,13 @@ class TrainingRun:
         return distributed.broadcast_float(score, self.ctx, self.device)
 
     def checkpoint(self) -> None:
+        self.flush_interval()  # the saved bookkeeping holds the interval's loss sum
+        try:
+            self._save_checkpoint()
+        finally:
+            self.restart_interval_clock()
+
+    def _save_checkpoint(self) -> None:
         book, cfg = self.book, self.job.settings
         book.last_ckpt = book.step
         if not self.ctx.is_main:
@@ -462,6 +497,7 @@ class TrainingRun:
     def finish(self) -> TrainResult:
         """Last validation and checkpoint, final weights, averaging; the run's summary."""
         book, cfg, main = self.book, self.job.settings, self.ctx.is_main
+        self.flush_interval()
         if book.last_eval != book.step:
             self.validate()
         if self.ckpt_every > 0 and book.last_ckpt != book.step:
