@@ -11,10 +11,9 @@ The output is written to a temp name and renamed, so it is either complete or ab
 
 from __future__ import annotations
 
-import html
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +28,7 @@ from seqmodels.data.corpus_reader import (
     line_count,
     scan_corpus,
 )
+from seqmodels.data.entities import entity_table, numeric_references, unescape_html
 from seqmodels.data.settings import CleanConfig
 from seqmodels.files import atomic_path
 
@@ -115,42 +115,19 @@ def split_expr(file: InputFile, cfg: CleanConfig) -> pl.Expr:
     )
 
 
-def _fix_all(steps: list[tuple[str, str, Callable]]) -> Callable[[pl.Series], pl.Series]:
-    """One batch function applying every normalisation step in order, each only to the values
-    that match its pattern; it returns the values and, per step, whether it changed them.
+def normalisation_steps(
+    cfg: CleanConfig, numeric_entities: Iterable[str] = ()
+) -> list[tuple[str, str, Callable[[pl.Expr], pl.Expr]]]:
+    """(rule name, pattern of the segments it may change, transform), in order of application.
 
-    Most segments need no fixing (ASCII is already NFC, few have entities or stray
-    whitespace): a cheap `contains` scan skips them and only the matching ones are transformed
-    and compared. One function for all steps keeps the Python overhead to one call a batch.
+    Every transform is a native Polars expression, so the streaming engine runs the rules on
+    all cores with no Python in the loop. `numeric_entities`: the numeric character
+    references the corpus holds (`entities.numeric_references`); named ones are a fixed table.
     """
-
-    def run(values: pl.Series) -> pl.Series:
-        flags = []
-        for name, pattern, transform in steps:
-            changed = pl.repeat(False, len(values), dtype=pl.Boolean, eager=True).alias(name)
-            hits = values.str.contains(pattern).fill_null(False)
-            if hits.any():
-                index = hits.arg_true()
-                before = values.gather(index)
-                fixed = transform(before)
-                values = values.clone().scatter(index, fixed)
-                changed = changed.scatter(index, (fixed != before).fill_null(False))
-            flags.append(changed)
-        return pl.struct(values.alias("value"), *flags, eager=True)
-
-    return run
-
-
-def _unescape_html(values: pl.Series) -> pl.Series:
-    # Python's html.unescape knows every HTML5 entity; it only sees segments that have one.
-    return pl.Series([html.unescape(v) for v in values.to_list()], dtype=pl.String)
-
-
-def normalisation_steps(cfg: CleanConfig) -> list[tuple[str, str, Callable]]:
-    """(rule name, pattern of the segments it may change, transform), in order of application."""
-    steps: list[tuple[str, str, Callable[[pl.Series], pl.Series]]] = []
+    steps: list[tuple[str, str, Callable[[pl.Expr], pl.Expr]]] = []
     if cfg.unescape_html:
-        steps.append(("html_entities", _ENTITY, _unescape_html))
+        patterns, replacements = entity_table(numeric_entities)
+        steps.append(("html_entities", _ENTITY, lambda s: unescape_html(s, patterns, replacements)))
     if cfg.unicode_normalization:
         form = cfg.unicode_normalization
         steps.append((f"unicode_{form.lower()}", r"[^\x00-\x7F]", lambda s: s.str.normalize(form)))
@@ -178,36 +155,43 @@ def normalisation_steps(cfg: CleanConfig) -> list[tuple[str, str, Callable]]:
 def _normalise(
     lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig, lists: tuple[str, ...] = ()
 ) -> pl.LazyFrame:
-    """Apply the normalisation steps to the string `columns` and to every element of the
-    list columns `lists`; `_fix_<step>` says whether a step changed any of them in a row."""
-    steps = normalisation_steps(cfg)
-    if not steps:
-        return lf
-    fix = _fix_all(steps)
-    dtype = pl.Struct({"value": pl.String, **{name: pl.Boolean for name, _, _ in steps}})
-    lf = lf.with_columns(
-        **{f"_new_{c}": pl.col(c).map_batches(fix, dtype, is_elementwise=True) for c in columns},
-        **{
-            f"_new_{c}": pl.col(c).list.eval(
-                pl.element().map_batches(fix, dtype, is_elementwise=True)
+    """Apply the normalisation steps in order to the string `columns` and to every element of
+    the list columns `lists`; `_fix_<step>` says whether a step changed any of them in a row.
+
+    Each step only rewrites the segments that match its pattern: html.unescape also decodes
+    entities without ";", so the rule is applied only to segments with at least one complete
+    entity, as it always was; for the other steps the guard is what keeps ASCII, clean text
+    untouched and cheap.
+    """
+    numeric = numeric_references(lf, columns, lists) if cfg.unescape_html else ()
+    everything = (*columns, *lists)
+    for name, pattern, transform in normalisation_steps(cfg, numeric):
+
+        def fixed(
+            text: pl.Expr, pattern: str = pattern, transform: Callable = transform
+        ) -> pl.Expr:
+            return pl.when(text.str.contains(pattern)).then(transform(text)).otherwise(text)
+
+        lf = (
+            lf.with_columns(
+                **{
+                    f"_new_{c}": pl.col(c).list.eval(fixed(pl.element()))
+                    if c in lists
+                    else fixed(pl.col(c))
+                    for c in everything
+                }
             )
-            for c in lists
-        },
-    )
-
-    def changed(c: str, name: str) -> pl.Expr:
-        if c in lists:
-            return pl.col(f"_new_{c}").list.eval(pl.element().struct.field(name)).list.any()
-        return pl.col(f"_new_{c}").struct.field(name)
-
-    return lf.with_columns(
-        **{c: pl.col(f"_new_{c}").struct.field("value") for c in columns},
-        **{c: pl.col(f"_new_{c}").list.eval(pl.element().struct.field("value")) for c in lists},
-        **{
-            f"_fix_{name}": pl.any_horizontal([changed(c, name) for c in (*columns, *lists)])
-            for name, _, _ in steps
-        },
-    ).drop([f"_new_{c}" for c in (*columns, *lists)])
+            .with_columns(
+                **{
+                    f"_fix_{name}": pl.any_horizontal(
+                        [(pl.col(f"_new_{c}") != pl.col(c)).fill_null(False) for c in everything]
+                    )
+                },
+                **{c: pl.col(f"_new_{c}") for c in everything},
+            )
+            .drop([f"_new_{c}" for c in everything])
+        )
+    return lf
 
 
 def _measure(columns: list[str], cfg: CleanConfig) -> dict[str, pl.Expr]:

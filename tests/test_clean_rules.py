@@ -1,0 +1,81 @@
+"""The cleaning rules are native Polars expressions; entity decoding must equal html.unescape."""
+
+from __future__ import annotations
+
+import html
+import random
+from html.entities import html5
+
+import polars as pl
+
+from seqmodels.data.clean import InputFile, clean_corpus
+from seqmodels.data.entities import entity_table, numeric_references, unescape_html
+from seqmodels.data.settings import CleanConfig
+from seqmodels.data.textfile import prepare_text_file
+
+
+def decode(rows: list[str]) -> list[str]:
+    lf = pl.LazyFrame({"text": rows})
+    patterns, replacements = entity_table(numeric_references(lf, ["text"]))
+    return (
+        lf.select(unescape_html(pl.col("text"), patterns, replacements)).collect()["text"].to_list()
+    )
+
+
+def test_every_named_entity_decodes_as_html_unescape_does():
+    rows = []
+    for name in html5:  # with and without ";", glued to text, twice, inside a longer name
+        rows += [f"&{name}", f"x&{name}y", f"&{name}&{name}", f"&{name}abc;", f"&{name} z"]
+    assert decode(rows) == [html.unescape(r) for r in rows]
+
+
+def test_numeric_references_decode_as_html_unescape_does():
+    code_points = [*range(0, 300), 0xD800, 0xDFFF, 0xFFFE, 0x10FFFF, 0x110000, 10**20]
+    rows = []
+    for i in code_points:  # decimal and hex, with and without ";", followed by text
+        rows += [f"&#{i};", f"&#{i}", f"&#x{i:x};", f"&#X{i:X}z", f"a&#{i}9b"]
+    rows += ["&#", "&#x", "&#;", "&#xg;", "&&#65;&", "&#65;&amp;#66;"]
+    assert decode(rows) == [html.unescape(r) for r in rows]
+
+
+def test_random_entity_soup_decodes_as_html_unescape_does():
+    rng = random.Random(20261203)
+    names = list(html5)
+    pieces = ["&", "&#", "&#x", ";", " ", "\t", "<", "#", "a", "Z", "9", "é", "amp", "&amp"]
+    pieces += ["&#128", "&#x80;", "&#xD800;", "&#1114112", "&not", "notin", "ampersand", "&lt"]
+    rows = [
+        "".join(
+            rng.choice(pieces) if rng.random() < 0.7 else "&" + rng.choice(names)
+            for _ in range(rng.randint(1, 12))
+        )
+        for _ in range(5000)
+    ]
+    assert decode(rows) == [html.unescape(r) for r in rows]
+
+
+def test_clean_corpus_applies_each_rule_and_counts_the_rows_it_changed(tmp_path):
+    src = [
+        "Fish &amp; chips &eacute;t&#233;",  # entities (a complete one, so all are decoded)
+        "caf\u0065\u0301 au lait",  # NFD: NFC composes it
+        "bell\x07here",  # control character -> space
+        "  many   spaces\t",  # whitespace
+        "AT&T stays as it is",  # no complete entity: untouched
+    ]
+    tgt = ["fish and chips", "coffee with milk", "a bell", "lots of room", "AT and T"]
+    inputs = []
+    for lang, lines in (("de", src), ("en", tgt)):
+        raw = tmp_path / f"train.{lang}"
+        raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        text = tmp_path / "text" / raw.name
+        inputs.append(InputFile(text, f"file://{raw}", "train", lang, prepare_text_file(raw, text)))
+    cfg = CleanConfig(min_chars=1, min_words=1, max_length_ratio=None, min_letter_fraction=0.0)
+    parquet, report = clean_corpus(inputs, tmp_path / "clean", cfg, "parallel", "de", "en")
+    assert pl.read_parquet(parquet)["src"].to_list() == [
+        "Fish & chips été",
+        "café au lait",
+        "bell here",
+        "many spaces",
+        "AT&T stays as it is",
+    ]
+    changed = {rule: rows["train"] for rule, rows in report["changed_by_normalisation"].items()}
+    assert changed == {"html_entities": 1, "unicode_nfc": 1, "control_chars": 1, "whitespace": 1}
