@@ -78,3 +78,18 @@ def test_hf_finetune_throughput_smoke(mirror, bench_tmp):
         for impl in ("seqmodels", "hf"):
             assert positive(m[f"{impl}_tokens_per_s"]["median"]), (name, impl)
         assert positive(m["seqmodels_vs_hf"]), name
+
+
+def test_clean_throughput_keeps_the_same_rows_as_pandas_and_datasets(mirror, tmp_path):
+    # The contenders only compare if they clean alike: each must keep exactly Polars' rows.
+    args = [sys.executable, str(REPO / "bench" / "clean_throughput.py"), "--lines", "20000"]
+    args += ["--hf-lines", "20000", "--workdir", str(tmp_path)]
+    env = {**os.environ, "SEQMODELS_MIRROR": str(mirror)}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["same_rows_as_pandas"] and figures["same_rows_as_datasets"]
+    assert sum(figures["polars"]["rows_out"].values()) > 15000  # most of 20k pairs survive
+    for name in ("polars", "pandas", "polars_small", "datasets"):
+        assert positive(figures[name]["wall_s"]["median"]), name
+    assert positive(figures["pandas_over_polars"]) and positive(figures["datasets_over_polars"])
