@@ -17,7 +17,7 @@ from seqmodels.data.clean import (
     clean_corpus,
 )
 from seqmodels.data.clean_report import report_markdown, write_report
-from seqmodels.data.textfile import CorruptInputError, prepare_text_file
+from seqmodels.data.textfile import CorruptInputError, prepare_text_file, read_text_stats
 
 
 def test_prepare_fixes_bom_crlf_nul_and_invalid_utf8_and_counts_each(tmp_path):
@@ -140,3 +140,17 @@ def test_same_input_gives_the_same_parquet(tmp_path):
         )
         outputs.append(pl.read_parquet(parquet))
     assert outputs[0].equals(outputs[1])
+
+
+def test_a_file_no_rule_changes_is_linked_not_copied_and_others_are_rewritten(tmp_path):
+    clean, dirty = tmp_path / "clean.txt", tmp_path / "dirty.txt"
+    clean.write_bytes("Grüße\nzwei\n".encode())
+    dirty.write_bytes(b"Gr\xfc\xdfe\r\nzwei\n")  # latin-1 bytes and a CRLF
+    stats = prepare_text_file(clean, tmp_path / "out" / "clean.txt")
+    assert (
+        stats.lines == 2 and (tmp_path / "out" / "clean.txt").stat().st_ino == clean.stat().st_ino
+    )
+    stats = prepare_text_file(dirty, tmp_path / "out" / "dirty.txt")
+    assert stats.crlf_fixed == 1 and stats.invalid_utf8_lines == 1
+    assert (tmp_path / "out" / "dirty.txt").read_text() == "Gr\ufffd\ufffde\nzwei\n"
+    assert read_text_stats(tmp_path / "out" / "clean.txt").lines == 2

@@ -12,9 +12,12 @@ The output is written to a temp file and renamed, so it is either complete or ab
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import json
 import lzma
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -66,10 +69,56 @@ def _fix_chunk(chunk: bytes, stats: TextFileStats) -> bytes:
     return chunk
 
 
+def _lines_if_already_clean(source: Path) -> int | None:
+    """The line count of an uncompressed file that no rule would change (valid UTF-8, no BOM,
+    CR or NUL, a final newline), else None. One read-only pass: such a file (the common case
+    for a large corpus) is then linked, not copied, which saves writing it again."""
+    if source.suffix in _OPENERS:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, last = 0, b""
+    with open(source, "rb") as f:
+        while block := f.read(CHUNK):
+            if not lines and not last and block.startswith(b"\xef\xbb\xbf"):
+                return None
+            if b"\r" in block or b"\0" in block:
+                return None
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError:
+                return None
+            lines += block.count(b"\n")
+            last = block[-1:]
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return None
+    return lines if last in (b"\n", b"") else None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes a hard link to `source` (a copy across filesystems), through a temp
+    name and a rename like every artefact; the shared inode is never written or chmod-ed."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 def prepare_text_file(source: Path, target: Path, max_lines: int | None = None) -> TextFileStats:
     """Decompress and normalise `source` into `target` (UTF-8, LF, final newline)."""
-    stats = TextFileStats()
     target.parent.mkdir(parents=True, exist_ok=True)
+    lines = _lines_if_already_clean(source) if max_lines is None else None
+    if lines is not None:
+        stats = TextFileStats(lines=lines)
+        # Stats first: a target without its stats file is never taken as finished.
+        atomic_write_text(_stats_path(target), json.dumps(asdict(stats)))
+        _link_or_copy(source, target)
+        return stats
+    stats = TextFileStats()
     with atomic_path(target) as tmp:
         with _open(source) as f, open(tmp, "wb") as out:
             pending = b""
