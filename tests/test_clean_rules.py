@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import html
 import random
+import unicodedata
 from html.entities import html5
 
 import polars as pl
 
-from seqmodels.data.clean import InputFile, clean_corpus
+from seqmodels.data.clean import InputFile, clean_corpus, normalisation_unstable_class
 from seqmodels.data.entities import entity_table, numeric_references, unescape_html
 from seqmodels.data.settings import CleanConfig
 from seqmodels.data.textfile import prepare_text_file
@@ -79,3 +80,20 @@ def test_clean_corpus_applies_each_rule_and_counts_the_rows_it_changed(tmp_path)
     ]
     changed = {rule: rows["train"] for rule, rows in report["changed_by_normalisation"].items()}
     assert changed == {"html_entities": 1, "unicode_nfc": 1, "control_chars": 1, "whitespace": 1}
+
+
+def test_text_without_an_unstable_character_is_already_normalised():
+    # The normalisation rule only rewrites segments with a character of this class; every
+    # other segment must already be in the form, in any script.
+    blocks = [(0x20, 0x250), (0x300, 0x370), (0x370, 0x3FF), (0x400, 0x4FF), (0x900, 0x97F)]
+    blocks += [(0xB80, 0xBFF), (0x1100, 0x1200), (0xAC00, 0xAC40), (0x1E00, 0x1F00)]
+    blocks += [(0x2100, 0x2150), (0xF900, 0xF920), (0xFB00, 0xFB50), (0xFF00, 0xFF60)]
+    pool = [chr(i) for a, b in blocks for i in range(a, b)]
+    rng = random.Random(7)
+    rows = ["".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(20000)]
+    for form in ("NFC", "NFKC"):
+        unstable = normalisation_unstable_class(form)
+        flagged = pl.Series(rows).str.contains(unstable).to_list()
+        assert 0 < sum(flagged) < len(rows)
+        untouched = [r for r, f in zip(rows, flagged, strict=True) if not f]
+        assert all(unicodedata.normalize(form, r) == r for r in untouched), form

@@ -11,7 +11,10 @@ The output is written to a temp name and renamed, so it is either complete or ab
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import unicodedata
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -117,39 +120,71 @@ def split_expr(file: InputFile, cfg: CleanConfig) -> pl.Expr:
 
 def normalisation_steps(
     cfg: CleanConfig, numeric_entities: Iterable[str] = ()
-) -> list[tuple[str, str, Callable[[pl.Expr], pl.Expr]]]:
-    """(rule name, pattern of the segments it may change, transform), in order of application.
+) -> list[tuple[str, str | None, Callable[[pl.Expr], pl.Expr]]]:
+    """(rule name, pattern of the segments it applies to, transform), in order of application.
+
+    Entities are decoded only in segments with a complete entity (html.unescape would also
+    decode `&amp` without ";"), as they always were. NFC/NFKC only touch segments with a
+    character that can change (normalising every segment costs 4x the test). The control
+    character and whitespace rules need no pattern: they leave clean text as it is, and a
+    test before them would cost about as much as the rule.
 
     Every transform is a native Polars expression, so the streaming engine runs the rules on
     all cores with no Python in the loop. `numeric_entities`: the numeric character
     references the corpus holds (`entities.numeric_references`); named ones are a fixed table.
     """
-    steps: list[tuple[str, str, Callable[[pl.Expr], pl.Expr]]] = []
+    steps: list[tuple[str, str | None, Callable[[pl.Expr], pl.Expr]]] = []
     if cfg.unescape_html:
         patterns, replacements = entity_table(numeric_entities)
         steps.append(("html_entities", _ENTITY, lambda s: unescape_html(s, patterns, replacements)))
     if cfg.unicode_normalization:
         form = cfg.unicode_normalization
-        steps.append((f"unicode_{form.lower()}", r"[^\x00-\x7F]", lambda s: s.str.normalize(form)))
+        unstable = normalisation_unstable_class(form)
+        steps.append((f"unicode_{form.lower()}", unstable, lambda s: s.str.normalize(form)))
     if cfg.remove_control_chars:
         # Cc (except tab) become spaces; Cf go, except ZWNJ/ZWJ that some scripts need.
         cc, cf = r"[\p{Cc}&&[^\t]]", r"[\p{Cf}&&[^\x{200C}\x{200D}]]"
         steps.append(
-            (
-                "control_chars",
-                f"{cc}|{cf}",
-                lambda s: s.str.replace_all(cc, " ").str.replace_all(cf, ""),
-            )
+            ("control_chars", None, lambda s: s.str.replace_all(cc, " ").str.replace_all(cf, ""))
         )
     if cfg.normalize_whitespace:
         steps.append(
-            (
-                "whitespace",
-                r"^\s|\s$|\s\s|[^\S ]",
-                lambda s: s.str.replace_all(r"\s+", " ").str.strip_chars(),
-            )
+            ("whitespace", None, lambda s: s.str.replace_all(r"\s+", " ").str.strip_chars())
         )
     return steps
+
+
+@functools.lru_cache(maxsize=2)
+def normalisation_unstable_class(form: str) -> str:
+    """A regex class of the characters that can change under Unicode normalisation `form`
+    (NFC or NFKC): text with none of them is already normalised, so only the few segments
+    with one are normalised (most non-ASCII text, precomposed umlauts included, needs nothing).
+
+    The class holds every character the form changes on its own, every combining mark
+    (canonical reordering), every character that composes with a preceding one (the non-first
+    characters of each decomposition, and the Hangul vowels and trailing consonants), and
+    every code point this Python's Unicode tables do not assign, so a character newer than
+    them still goes through Polars' normaliser.
+    """
+    decomposed = "NFD" if form == "NFC" else "NFKD"
+    unstable = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))  # Hangul V and T jamo
+    for cp in range(sys.maxunicode + 1):
+        c = chr(cp)
+        if unicodedata.category(c) == "Cn":  # most code points: skip the normalisations
+            unstable.add(cp)
+            continue
+        if unicodedata.combining(c) or unicodedata.normalize(form, c) != c:
+            unstable.add(cp)
+        unstable.update(ord(x) for x in unicodedata.normalize(decomposed, c)[1:])
+    ranges, start, prev = [], None, None
+    for cp in sorted(unstable):
+        if start is None or cp != prev + 1:
+            if start is not None:
+                ranges.append((start, prev))
+            start = cp
+        prev = cp
+    ranges.append((start, prev))
+    return "[" + "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges) + "]"
 
 
 def _normalise(
@@ -158,19 +193,21 @@ def _normalise(
     """Apply the normalisation steps in order to the string `columns` and to every element of
     the list columns `lists`; `_fix_<step>` says whether a step changed any of them in a row.
 
-    Each step only rewrites the segments that match its pattern: html.unescape also decodes
-    entities without ";", so the rule is applied only to segments with at least one complete
-    entity, as it always was; for the other steps the guard is what keeps ASCII, clean text
-    untouched and cheap.
+    A step with a pattern only rewrites the segments that match it (see
+    `normalisation_steps`); the change flags compare each segment before and after.
     """
     numeric = numeric_references(lf, columns, lists) if cfg.unescape_html else ()
     everything = (*columns, *lists)
     for name, pattern, transform in normalisation_steps(cfg, numeric):
 
         def fixed(
-            text: pl.Expr, pattern: str = pattern, transform: Callable = transform
+            text: pl.Expr, pattern: str | None = pattern, transform: Callable = transform
         ) -> pl.Expr:
-            return pl.when(text.str.contains(pattern)).then(transform(text)).otherwise(text)
+            if pattern is None:
+                return transform(text)
+            # when/then would run the transform on every row; on the nulls of the segments
+            # that do not match it costs nothing, and those keep their text.
+            return pl.coalesce(transform(pl.when(text.str.contains(pattern)).then(text)), text)
 
         lf = (
             lf.with_columns(
