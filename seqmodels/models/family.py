@@ -74,6 +74,9 @@ class ModelFamily:
     metric_prefix: ClassVar[str] = ""
     # The pipeline may launch its training on several processes (training.distributed).
     distributed_training: ClassVar[bool] = False
+    # The family's models have a CTranslate2 layout (seqmodels.models.ct2_export): such a
+    # family also has `ctranslate2_spec`.
+    exports_ctranslate2: ClassVar[bool] = False
 
     def preflight(self, arch: Any) -> None:
         """Checks of what lies outside the config (installed packages, a checkpoint to start
@@ -129,6 +132,11 @@ class ModelFamily:
         """A predictor of a model saved as a Hugging Face pipeline (save_pretrained layout:
         the transformers flavor's components)."""
         raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
+
+    def ctranslate2_spec(self, model: nn.Module, vocabulary: list[str]) -> Any:
+        """A ctranslate2 model spec filled with a trained model's weights (`vocabulary`: the
+        pieces of its SentencePiece model, in id order)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export to CTranslate2")
 
 
 def load_state(model: nn.Module, weights: Path) -> nn.Module:
