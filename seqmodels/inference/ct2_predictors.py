@@ -83,7 +83,7 @@ class CT2TranslationPredictor(TranslationPredictor):
             beam_size=k,
             num_hypotheses=k,
             length_penalty=0.0,  # raw log-probabilities: ranked with GNMT's penalty below
-            max_decoding_length=limit + 1,  # limit tokens, then the EOS
+            max_decoding_length=limit,  # beam_search's limit (it then forces the EOS)
             min_decoding_length=self.min_len,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
             suppress_sequences=self.banned,
@@ -93,9 +93,13 @@ class CT2TranslationPredictor(TranslationPredictor):
         eos = self.sp.id_to_piece(EOS_ID)
         out = []
         for result in results:
+            # |Y| counts the EOS, also the one beam_search forces at the maximum length.
             ranked = sorted(
                 zip(result.scores, result.hypotheses, strict=True),
-                key=lambda sh: -sh[0] / gnmt_length_penalty(len(sh[1]), self.length_penalty),
+                key=lambda sh: (
+                    -sh[0]
+                    / gnmt_length_penalty(len(sh[1]) + (sh[1][-1:] != [eos]), self.length_penalty)
+                ),
             )
             best = [t for t in ranked[0][1] if t != eos]
             out.append([self.sp.piece_to_id(t) for t in best])
