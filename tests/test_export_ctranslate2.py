@@ -8,15 +8,21 @@ import gzip
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 import sacrebleu
 import sentencepiece as spm
 import torch
+from typer.testing import CliRunner
 
-from seqmodels.models.folder import META_FILE, FORMAT, load_predictor
+from flows.cli import app
+from seqmodels.evaluation.promotion import CHAMPION
+from seqmodels.models.folder import FORMAT, META_FILE, load_predictor
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
 from seqmodels.models.transformer_lm import TransformerLMArchitecture
 from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture
+from tasks.registry import log_pyfunc_model
+from tasks.tracking import mlflow_client
 from tests.conftest import MULTI30K
 from tests.model_helpers import FamilyArch, build
 
@@ -25,6 +31,7 @@ from seqmodels.models.ct2_export import export_ctranslate2  # noqa: E402
 
 DECODING = {"beam_size": 4, "max_len_a": 1.2, "max_len_b": 10, "length_penalty": 1.0}
 TEST_SENTENCES = 200
+runner = CliRunner()
 
 
 def multi30k(mirror: Path, split: str, lang: str) -> list[str]:
@@ -149,3 +156,79 @@ def test_a_family_without_a_ctranslate2_layout_is_refused(multi30k_spm, tmp_path
         export_ctranslate2(folder, tmp_path / "ct2")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         export_ctranslate2(folder, tmp_path / "ct2", "int4")
+
+
+def register(uri: str, name: str, folder: Path) -> str:
+    """Log a model folder as the pipeline's register task does; its version number."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run():
+        info = log_pyfunc_model(str(folder), "translation", ["Ein Mann fährt Fahrrad."], name)
+    return str(info.registered_model_version)
+
+
+def test_export_command_registers_a_ctranslate2_version_beside_the_champion(
+    mirror, translation_folder, tmp_path
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = register(uri, "mt-ct2", translation_folder)
+    client = mlflow_client(uri)
+    client.set_registered_model_alias("mt-ct2", CHAMPION, parent)
+    parent_run = client.get_model_version("mt-ct2", parent).run_id
+    sources = multi30k(mirror, "test_2016_flickr", "de")[:5]
+
+    result = runner.invoke(app, [
+        "export", "models:/mt-ct2@champion", "--format", "ctranslate2",
+        "--quantization", "int8", "--out", str(tmp_path / "exported"), "--tracking-uri", uri,
+    ])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    version = client.get_model_version("mt-ct2", "2")
+    assert result.stdout.strip() == "models:/mt-ct2/2"
+    assert {k: version.tags[k] for k in ("format", "quantization", "parent_version")} == {
+        "format": "ctranslate2", "quantization": "int8", "parent_version": parent,
+    }  # fmt: skip
+    # A packaging of the champion, not a challenger: the aliases stay, and the parent's run
+    # still names only the parent's version (what a re-run of its register task looks up).
+    assert str(client.get_model_version_by_alias("mt-ct2", CHAMPION).version) == parent
+    assert client.get_registered_model("mt-ct2").aliases == {CHAMPION: int(parent)}
+    parent_versions = client.search_model_versions(f"run_id = '{parent_run}'")
+    assert [str(v.version) for v in parent_versions] == [parent]
+    expected = load_predictor(tmp_path / "exported", device="cpu").translate(sources)
+    served = mlflow.pyfunc.load_model("models:/mt-ct2/2")
+    assert served.predict(sources) == expected
+    translated = runner.invoke(
+        app,
+        ["translate", "--model", "models:/mt-ct2/2", "--tracking-uri", uri],
+        input="\n".join(sources) + "\n",
+    )
+    assert translated.exit_code == 0, translated.output
+    assert translated.stdout.splitlines() == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--format", "onnx"], "unknown --format 'onnx'"),
+        (["--quantization", "int4"], "unknown --quantization 'int4'"),
+        ([], "lstm_seq2seq model cannot be exported to CTranslate2"),
+    ],
+)
+def test_export_command_refuses_bad_input_with_exit_2(multi30k_spm, tmp_path, options, message):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = FamilyArch(
+        "lstm_seq2seq", LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=16)
+    )
+    vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
+    register(
+        uri, "mt-lstm", save_model(spec, vocab_size, tmp_path / "lstm", multi30k_spm, "translation")
+    )
+
+    result = runner.invoke(
+        app,
+        ["export", "models:/mt-lstm/1", "--out", str(tmp_path / "out"), "--tracking-uri", uri]
+        + options,
+    )
+
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
