@@ -211,24 +211,30 @@ def test_export_command_registers_a_ctranslate2_version_beside_the_champion(
     [
         (["--format", "onnx"], "unknown --format 'onnx'"),
         (["--quantization", "int4"], "unknown --quantization 'int4'"),
-        ([], "lstm_seq2seq model cannot be exported to CTranslate2"),
     ],
 )
-def test_export_command_refuses_bad_input_with_exit_2(multi30k_spm, tmp_path, options, message):
+def test_export_command_refuses_an_unknown_format_or_quantization(tmp_path, options, message):
+    out = ["--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'db'}"]
+
+    result = runner.invoke(app, ["export", "models:/mt/1", *out, *options])
+
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_export_command_refuses_a_family_without_a_ctranslate2_layout(multi30k_spm, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = FamilyArch(
         "lstm_seq2seq", LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=16)
     )
     vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
-    register(
-        uri, "mt-lstm", save_model(spec, vocab_size, tmp_path / "lstm", multi30k_spm, "translation")
-    )
+    lstm = save_model(spec, vocab_size, tmp_path / "lstm", multi30k_spm, "translation")
+    register(uri, "mt-lstm", lstm)
 
     result = runner.invoke(
-        app,
-        ["export", "models:/mt-lstm/1", "--out", str(tmp_path / "out"), "--tracking-uri", uri]
-        + options,
+        app, ["export", "models:/mt-lstm/1", "--out", str(tmp_path / "out"), "--tracking-uri", uri]
     )
 
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert "lstm_seq2seq model cannot be exported to CTranslate2" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,9 @@
 """Export of a trained Transformer folder to CTranslate2 (https://opennmt.net/CTranslate2).
 
 The weights are written through CTranslate2's own specification API (ctranslate2.specs, saved
-by its Converter base class): a family that can be exported fills a spec from its model
-(`ModelFamily.ctranslate2_spec`), this module saves it next to the SentencePiece model and a
+by its Converter base class): a family that can be exported names its layout
+(`ModelFamily.ctranslate2_layout`), whose spec is filled from the model's weights here; this
+module saves it next to the SentencePiece model and a
 seqmodels.json naming `"runtime": "ctranslate2"`, so the folder loads with
 seqmodels.models.folder.load_predictor like any other (seqmodels.inference.ct2_predictors).
 
@@ -139,6 +140,10 @@ def transformer_lm_spec(model: nn.Module, vocabulary: list[str]) -> Any:
     return spec
 
 
+# A family's ctranslate2_layout -> the function filling that spec from its model.
+SPEC_BUILDERS = {"encoder_decoder": transformer_seq2seq_spec, "decoder": transformer_lm_spec}
+
+
 def _name_special_tokens(config: Any, vocabulary: list[str]) -> None:
     """SentencePiece's ids (seqmodels: unk=1, bos=2, eos=3) by the pieces of this vocabulary."""
     from seqmodels import BOS_ID, EOS_ID, UNK_ID
@@ -166,7 +171,7 @@ def export_ctranslate2(model_folder: Path, out_dir: Path, quantization: str = "f
         )
     meta = read_model_meta(model_folder)
     family, arch = family_and_architecture(meta, model_folder / META_FILE)
-    if not family.exports_ctranslate2:
+    if family.ctranslate2_layout not in SPEC_BUILDERS:
         raise ValueError(
             f"{model_folder}: a {meta['type']} model cannot be exported to CTranslate2 "
             "(only the Transformer families can)"
@@ -176,7 +181,7 @@ def export_ctranslate2(model_folder: Path, out_dir: Path, quantization: str = "f
     sp = load_sentencepiece(model_folder / "spm.model")
     vocabulary = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     predictor = family.load(model_folder, arch, meta.get("decoding", {}), "cpu")
-    spec = family.ctranslate2_spec(predictor.model, vocabulary)
+    spec = SPEC_BUILDERS[family.ctranslate2_layout](predictor.model, vocabulary)
 
     class SpecConverter(Converter):  # the base class validates, quantizes and saves
         def _load(self):

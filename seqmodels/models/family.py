@@ -74,9 +74,10 @@ class ModelFamily:
     metric_prefix: ClassVar[str] = ""
     # The pipeline may launch its training on several processes (training.distributed).
     distributed_training: ClassVar[bool] = False
-    # The family's models have a CTranslate2 layout (seqmodels.models.ct2_export): such a
-    # family also has `ctranslate2_spec`.
-    exports_ctranslate2: ClassVar[bool] = False
+    # The CTranslate2 layout of the family's models, for `seqmodels export`: "encoder_decoder"
+    # or "decoder" (seqmodels.models.ct2_export fills that spec from the model's weights);
+    # None: the family cannot be exported to CTranslate2.
+    ctranslate2_layout: ClassVar[str | None] = None
 
     def preflight(self, arch: Any) -> None:
         """Checks of what lies outside the config (installed packages, a checkpoint to start
@@ -132,11 +133,6 @@ class ModelFamily:
         """A predictor of a model saved as a Hugging Face pipeline (save_pretrained layout:
         the transformers flavor's components)."""
         raise NotImplementedError(f"{type(self).__name__} has no transformers_task")
-
-    def ctranslate2_spec(self, model: nn.Module, vocabulary: list[str]) -> Any:
-        """A ctranslate2 model spec filled with a trained model's weights (`vocabulary`: the
-        pieces of its SentencePiece model, in id order)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot export to CTranslate2")
 
 
 def load_state(model: nn.Module, weights: Path) -> nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
@@ -80,15 +78,10 @@ class TransformerLMFamily(NeuralLMFamily):
     """A decoder-only Transformer language model."""
 
     Architecture = TransformerLMArchitecture
-    exports_ctranslate2 = True
+    ctranslate2_layout = "decoder"  # seqmodels.models.ct2_export
 
     def build(self, arch: TransformerLMArchitecture, vocab_size: int) -> nn.Module:
         return TransformerLanguageModel(arch, vocab_size)
 
     def max_context(self, arch: TransformerLMArchitecture) -> int | None:
         return arch.block_size
-
-    def ctranslate2_spec(self, model: nn.Module, vocabulary: list[str]) -> Any:
-        from seqmodels.models.ct2_export import transformer_lm_spec
-
-        return transformer_lm_spec(model, vocabulary)

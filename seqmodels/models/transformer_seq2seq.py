@@ -6,7 +6,7 @@ Implements the decoding interface of every seq2seq family (see models/family.py)
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -187,15 +187,10 @@ class TransformerSeq2SeqFamily(Seq2SeqFamily):
     """A pre-norm Transformer encoder-decoder."""
 
     Architecture = TransformerSeq2SeqArchitecture
-    exports_ctranslate2 = True
+    ctranslate2_layout = "encoder_decoder"  # seqmodels.models.ct2_export
 
     def build(self, arch: TransformerSeq2SeqArchitecture, vocab_size: int) -> nn.Module:
         return TransformerSeq2Seq(arch, vocab_size)
 
     def max_positions(self, arch: TransformerSeq2SeqArchitecture) -> int | None:
         return arch.max_positions
-
-    def ctranslate2_spec(self, model: nn.Module, vocabulary: list[str]) -> Any:
-        from seqmodels.models.ct2_export import transformer_seq2seq_spec
-
-        return transformer_seq2seq_spec(model, vocabulary)
