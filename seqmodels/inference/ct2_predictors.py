@@ -128,6 +128,13 @@ class CT2LMPredictor(LanguageModelPredictor):
         """As NeuralLMPredictor.generate (temperature <= 0: greedy); the prompt and what is
         generated must fit the model's context (learned positions cannot slide here)."""
         starts = [[self.eos] + self.sp.encode(p, out_type=str) for p in prompts]
+        longest = max((len(s) for s in starts), default=0) + max_new_tokens
+        if self.max_context is not None and longest > self.max_context:
+            raise ValueError(
+                f"prompt and {max_new_tokens} new tokens make {longest} positions: more than "
+                f"this CTranslate2 model's {self.max_context} (use the torch version, which "
+                "slides its context)"
+            )
         greedy = temperature <= 0
         results = self.generator.generate_batch(
             starts,
