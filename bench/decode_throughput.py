@@ -2,6 +2,7 @@
 
     python bench/decode_throughput.py [--device auto|cuda|cpu] [--sentences N]
         [--batch-size N] [--beam 5] [--warmup-batches N] [--quick | --full | --smoke] [--no-hf]
+        [--no-ct2] [--rounds 3] [--vocab N] [--threads N]
 
 A Transformer-base encoder-decoder (6+6 layers, d_model 512, FFN 2048, 8 heads, 16k joint
 SentencePiece vocabulary trained on Multi30k train) with random weights translates the
@@ -24,13 +25,25 @@ L + 1 positions per sentence for both. The two take turns batch by batch (altern
 which goes first), so load from other processes on a shared host hits both alike. On CPU
 the first 500 sentences are used (--quick) unless --full. The last line printed is one
 JSON object.
+
+On CPU, with ctranslate2 installed, the same weights are exported to CTranslate2 float32
+and int8 (seqmodels.models.ct2_export) and timed too, forced to the same L + 1 decoder
+steps (min_decoding_length = max_decoding_length = L + 1). They run in a worker process of
+their own (CTranslate2's and torch's OpenMP threads spin-wait and slow each other in one
+process), in rounds alternating with this process's PyTorch rounds; each side uses
+--threads threads. Reported: the median over --rounds, the spread (slowest and fastest
+round) and the ratios ct2_int8 / seqmodels, ct2_float32 / seqmodels, seqmodels / HF.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,20 +128,21 @@ def seqmodels_translator(
     """A random-weight model folder (seqmodels.models.folder's layout: spm.model, model.pt,
     then seqmodels.json), loaded the way every user loads one."""
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="seqmodels-bench-") as tmp:
-        folder = Path(tmp)
-        shutil.copyfile(spm_path, folder / "spm.model")
-        save_weights(FAMILIES[MODEL_TYPE].build(arch, vocab_size), folder)
-        meta = {
-            "format": FORMAT,
-            "type": MODEL_TYPE,
-            "task": "translation",
-            "architecture": arch.model_dump(mode="json"),
-            "decoding": {"beam_size": beam, "batch_size": batch_size},
-        }
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        translator = load_predictor(folder, str(device))
+    folder = Path(tempfile.mkdtemp(prefix="seqmodels-bench-"))
+    # The folder stays (removed by the caller): the CTranslate2 contenders are exported from it.
+    shutil.copyfile(spm_path, folder / "spm.model")
+    save_weights(FAMILIES[MODEL_TYPE].build(arch, vocab_size), folder)
+    meta = {
+        "format": FORMAT,
+        "type": MODEL_TYPE,
+        "task": "translation",
+        "architecture": arch.model_dump(mode="json"),
+        "decoding": {"beam_size": beam, "batch_size": batch_size},
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    translator = load_predictor(folder, str(device))
     translator.model = NoEarlyEos(translator.model)
+    translator.folder = folder
     return translator
 
 
@@ -175,6 +189,110 @@ def time_interleaved(runners: dict, batches, warmup: int, device) -> dict[str, f
     return seconds
 
 
+CT2_QUANTIZATIONS = ("float32", "int8")
+
+
+def ct2_version() -> str | None:
+    try:
+        import ctranslate2
+    except ImportError:
+        return None
+    return ctranslate2.__version__
+
+
+def run_ct2(translator, tokens: list[list[str]], L: int, beam: int) -> None:
+    """CTranslate2 forced to the same L + 1 decoder steps: no EOS before L + 1 tokens."""
+    results = translator.translate_batch(
+        tokens,
+        beam_size=beam,
+        length_penalty=1.0,
+        min_decoding_length=L + 1,
+        max_decoding_length=L + 1,
+        return_end_token=True,
+    )
+    assert all(len(r.hypotheses[0]) == L + 1 for r in results), "CT2 lengths not forced"
+
+
+def ct2_worker(exports: str, threads: int, beam: int) -> None:
+    """The CTranslate2 contenders in a process of their own (CTranslate2's and torch's
+    OpenMP threads spin-wait, slowing each other when in one process). Reads the batches
+    (one JSON line), then times every batch of each export for each "round" line."""
+    import ctranslate2
+    import sentencepiece as spm
+
+    translators = {}
+    for quantization in CT2_QUANTIZATIONS:
+        folder = Path(exports) / quantization
+        translators[f"ct2_{quantization}"] = ctranslate2.Translator(
+            str(folder), device="cpu", intra_threads=threads
+        )
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
+    setup = json.loads(input())
+    batches = [
+        ([[sp.id_to_piece(i) for i in s + [EOS_ID]] for s in srcs], L)
+        for srcs, L in setup["batches"]
+    ]
+    for tokens, L in batches[: setup["warmup"]]:
+        for translator in translators.values():
+            run_ct2(translator, tokens, L, beam)
+    print("ready", flush=True)
+    for _ in iter(input, "done"):
+        seconds = dict.fromkeys(translators, 0.0)
+        for i, (tokens, L) in enumerate(batches):
+            names = list(translators) if i % 2 == 0 else list(translators)[::-1]
+            for name in names:
+                t0 = time.perf_counter()
+                run_ct2(translators[name], tokens, L, beam)
+                seconds[name] += time.perf_counter() - t0
+        print(json.dumps(seconds), flush=True)
+
+
+def start_ct2_worker(folder: Path, batches, warmup: int, threads: int, beam: int):
+    """The folder exported to CTranslate2 (float32 and int8), and a worker process timing
+    them (ct2_worker); None when ctranslate2 is not installed."""
+    try:
+        from seqmodels.models.ct2_export import export_ctranslate2
+    except ImportError:
+        return None
+    if importlib.util.find_spec("ctranslate2") is None:
+        return None
+    exports = folder / "ct2"
+    for quantization in CT2_QUANTIZATIONS:
+        export_ctranslate2(folder, exports / quantization, quantization)
+    worker = subprocess.Popen(
+        [sys.executable, __file__, "--ct2-worker", str(exports), "--threads", str(threads),
+         "--beam", str(beam)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker.stdin.write(json.dumps({"batches": batches, "warmup": warmup}) + "\n")
+    worker.stdin.flush()
+    assert worker.stdout.readline().strip() == "ready", "CTranslate2 worker failed"
+    return worker
+
+
+def ct2_round(worker) -> dict[str, float]:
+    worker.stdin.write("round\n")
+    worker.stdin.flush()
+    return json.loads(worker.stdout.readline())
+
+
+def timed_rounds(runners: dict, worker, batches, args, device) -> dict[str, list[float]]:
+    """Seconds per contender in each round: the PyTorch ones here (taking turns batch by
+    batch), then the CTranslate2 ones in their worker, while this process waits."""
+    per_round: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        seconds = time_interleaved(runners, batches, args.warmup_batches if r == 0 else 0, device)
+        if worker is not None:
+            seconds.update(ct2_round(worker))
+        for name, secs in seconds.items():
+            per_round.setdefault(name, []).append(secs)
+    if worker is not None:
+        worker.stdin.write("done\n")
+        worker.stdin.close()
+        worker.wait(timeout=60)
+    return per_round
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
@@ -187,7 +305,19 @@ def main() -> None:
     mode.add_argument("--full", action="store_true", help="all 1000 sentences (CUDA default)")
     mode.add_argument("--smoke", action="store_true", help="tiny model, 8 sentences: a check")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip Hugging Face")
+    parser.add_argument("--no-ct2", dest="ct2", action="store_false", help="skip CTranslate2")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--vocab", type=int, help="SentencePiece vocabulary (default by sizes)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of each contender (default: torch's count)"
+    )
+    parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # internal: see ct2_worker
     args = parser.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    if args.ct2_worker:
+        ct2_worker(args.ct2_worker, threads, args.beam)
+        return
+    torch.set_num_threads(threads)
 
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -204,7 +334,8 @@ def main() -> None:
     )
 
     data = multi30k(WORKDIR / "cache")
-    spm_path = sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
+    vocab_size = args.vocab or size["vocab"]
+    spm_path = sentencepiece_model(data, vocab_size, WORKDIR, size.get("spm_lines"))
     srcs, refs, vocab = encode(data, "test", spm_path)
     srcs, refs = srcs[:n_sent], refs[:n_sent]
     arch = TransformerSeq2SeqArchitecture(
@@ -232,26 +363,44 @@ def main() -> None:
         if device.type == "cuda":
             model = model.to(torch.bfloat16)  # how HF users run fast inference
         runners["hf"] = lambda srcs, L: run_hf(model, srcs, L, args.beam, device)
-    seconds = time_interleaved(runners, batches, args.warmup_batches, device)
+    worker = None
+    if args.ct2 and device.type == "cpu":
+        worker = start_ct2_worker(
+            translator.folder, batches, args.warmup_batches, threads, args.beam
+        )
+    per_round = timed_rounds(runners, worker, batches, args, device)
+    shutil.rmtree(translator.folder, ignore_errors=True)
     results = {}
-    for impl in ("seqmodels", "hf"):
-        secs = seconds.get(impl)
+    for impl in ("seqmodels", "hf", "ct2_float32", "ct2_int8"):
+        rounds = sorted(per_round.get(impl, []))
+        secs = statistics.median(rounds) if rounds else None
         results[f"{impl}_seconds"] = secs
         results[f"{impl}_sentences_per_s"] = len(srcs) / secs if secs else None
         results[f"{impl}_tokens_per_s"] = n_tokens / secs if secs else None
-    ratio = (
-        results["seqmodels_tokens_per_s"] / results["hf_tokens_per_s"]
-        if results["hf_tokens_per_s"]
-        else None
-    )
-    for impl in ("seqmodels", "hf"):
+        # Spread: tokens/s of the slowest and the fastest round.
+        results[f"{impl}_tokens_per_s_spread"] = (
+            [n_tokens / rounds[-1], n_tokens / rounds[0]] if rounds else None
+        )
+
+    def speedup(a: str, b: str) -> float | None:
+        fast, slow = results[f"{a}_tokens_per_s"], results[f"{b}_tokens_per_s"]
+        return fast / slow if fast and slow else None
+
+    ratios = {
+        "seqmodels_vs_hf": speedup("seqmodels", "hf"),
+        "ct2_float32_vs_seqmodels": speedup("ct2_float32", "seqmodels"),
+        "ct2_int8_vs_seqmodels": speedup("ct2_int8", "seqmodels"),
+    }
+    for impl in ("seqmodels", "hf", "ct2_float32", "ct2_int8"):
         if results[f"{impl}_tokens_per_s"]:
+            low, high = results[f"{impl}_tokens_per_s_spread"]
             print(
-                f"  {impl:9s} {results[f'{impl}_sentences_per_s']:9.2f} sentences/s "
-                f"{results[f'{impl}_tokens_per_s']:10.1f} tokens/s"
+                f"  {impl:11s} {results[f'{impl}_sentences_per_s']:9.2f} sentences/s "
+                f"{results[f'{impl}_tokens_per_s']:10.1f} tokens/s (rounds {low:.1f}-{high:.1f})"
             )
-    if ratio:
-        print(f"  seqmodels / HF {ratio:.3f}")
+    for name, ratio in ratios.items():
+        if ratio:
+            print(f"  {name} {ratio:.3f}")
     reduced = sizes != "full" or n_sent < 1000
     figures = {
         "bench": "decode_throughput",
@@ -272,8 +421,11 @@ def main() -> None:
         "params_m": round(n_params / 1e6, 2),
         "torch": torch.__version__,
         "transformers": hf_version,
+        "threads": threads,
+        "rounds": args.rounds,
+        "ctranslate2": ct2_version(),
         **results,
-        "seqmodels_vs_hf": ratio,
+        **ratios,
     }
     print(json.dumps(figures))
 

@@ -268,6 +268,40 @@ CONFIG_OPTION = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Config nami
 
 
 @app.command()
+def export(
+    model: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION"),
+    fmt: str = typer.Option("ctranslate2", "--format", help="Export format: ctranslate2."),
+    quantization: str = typer.Option(
+        "float32", "--quantization", "-q", help="int8, int8_float16, float16 or float32."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the export to."),
+    tracking_uri: str | None = URI_OPTION,
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Export a registered Transformer for fast inference (CTranslate2) and register it as a
+    new version of the same model (tags format, quantization, parent_version; no alias)."""
+    from seqmodels.models.ct2_export import QUANTIZATIONS
+
+    if fmt != "ctranslate2":
+        _fail(f"unknown --format {fmt!r}: the only export format is ctranslate2")
+    if quantization not in QUANTIZATIONS:
+        _fail(f"unknown --quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    uri = _tracking_uri(tracking_uri, config)
+    _quiet_telemetry()
+    _check_store(uri)
+    from mlflow.exceptions import MlflowException
+
+    from tasks.export import export_registered_model
+
+    try:
+        registered = export_registered_model(model, quantization, out, uri)
+    except (ValueError, MlflowException) as exc:
+        _fail(f"cannot export {model}: {getattr(exc, 'message', None) or exc}")
+    print(registered["model_uri"])
+    err_console.print(f"{model} exported to {out} ({fmt}, {quantization})")
+
+
+@app.command()
 def translate(
     model: str = typer.Option(MT_MODEL, "--model", "-m", help=MODEL_HELP),
     input_file: Path | None = INPUT_OPTION,

@@ -8,4 +8,4 @@ python3 -m venv .venv
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q torch==2.13.0 || .venv/bin/python -m pip install -q torch
 fi
-.venv/bin/python -m pip install -q -e '.[dev,hf]'
+.venv/bin/python -m pip install -q -e '.[dev,hf,export]'

@@ -117,7 +117,7 @@ def register_model_version(
         if exported is not None:
             info = _log_transformers_model(exported, example, registered_name)
         else:
-            info = _log_pyfunc_model(trained["model_dir"], task_kind, example, registered_name)
+            info = log_pyfunc_model(trained["model_dir"], task_kind, example, registered_name)
     version = str(info.registered_model_version)
     get_transaction().set("registered", (tracking_uri, registered_name, version))
     for key, value in {**lineage, "model_name": model_name, "mlflow_run_id": run_id}.items():
@@ -125,8 +125,15 @@ def register_model_version(
     return {"version": version, "model_uri": f"models:/{registered_name}/{version}"}
 
 
-def _log_pyfunc_model(model_dir: str, task_kind: str, example: list[str], registered_name: str):
-    """The seqmodels pyfunc (tasks/pyfunc_model.py) with the model folder as its artifact."""
+def log_pyfunc_model(
+    model_dir: str,
+    task_kind: str,
+    example: list[str],
+    registered_name: str,
+    requirements: tuple[str, ...] = (),
+):
+    """The seqmodels pyfunc (tasks/pyfunc_model.py) with the model folder as its artifact;
+    `requirements`: packages the folder needs beside PIP_REQUIREMENTS (its runtime's)."""
     # The logged model needs the weights, config and vocabulary, not the training state:
     # checkpoints (optimizer state included) would triple its size.
     with tempfile.TemporaryDirectory() as staging:
@@ -138,7 +145,7 @@ def _log_pyfunc_model(model_dir: str, task_kind: str, example: list[str], regist
             python_model=str(PYFUNC_FILE),
             artifacts={"model_dir": str(folder)},
             code_paths=[str(Path(seqmodels.__file__).parent)],
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=[*PIP_REQUIREMENTS, *requirements],
             signature=_signature(task_kind),
             input_example=example,
             registered_model_name=registered_name,

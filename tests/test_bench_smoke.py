@@ -15,11 +15,12 @@ import pytest
 from tests.conftest import REPO
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
+HAS_CT2 = importlib.util.find_spec("ctranslate2") is not None
 
 
-def run_bench(script: str, mirror, tmp_path) -> dict:
-    args = [sys.executable, str(REPO / "bench" / script), "--smoke", "--device", "cpu"]
-    if not HAS_HF:
+def run_bench(script: str, mirror, tmp_path, *options: str) -> dict:
+    args = [sys.executable, str(REPO / "bench" / script), "--smoke", "--device", "cpu", *options]
+    if not HAS_HF and "--no-hf" not in options:
         args.append("--no-hf")
     env = {**os.environ, "SEQMODELS_MIRROR": str(mirror), "TMPDIR": str(tmp_path)}
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
@@ -63,6 +64,16 @@ def test_decode_throughput_smoke(mirror, bench_tmp):
         assert positive(figures[key]), key
     assert positive(figures["hf_tokens_per_s"]) == HAS_HF
     assert positive(figures["seqmodels_vs_hf"]) == HAS_HF
+
+
+@pytest.mark.skipif(not HAS_CT2, reason="needs ctranslate2 (the `export` extra)")
+def test_decode_throughput_smoke_times_ctranslate2_in_rounds(mirror, bench_tmp):
+    figures = run_bench("decode_throughput.py", mirror, bench_tmp, "--no-hf", "--rounds", "2")
+    assert figures["rounds"] == 2 and figures["ctranslate2"]
+    for impl in ("ct2_float32", "ct2_int8"):
+        low, high = figures[f"{impl}_tokens_per_s_spread"]
+        assert 0 < low <= figures[f"{impl}_tokens_per_s"] <= high, impl
+        assert positive(figures[f"{impl}_vs_seqmodels"]), impl
 
 
 @pytest.mark.skipif(

@@ -57,6 +57,11 @@ class TranslationPredictor:
     def __init__(self, model: nn.Module, sp: spm.SentencePieceProcessor, decoding: dict):
         self.model, self.sp = model, sp
         self.device = next(model.parameters()).device
+        self.max_positions = model.max_positions
+        self.configure(decoding)
+
+    def configure(self, decoding: dict) -> None:
+        """Read the `decoding` settings (DECODING_KEYS; the defaults where one is missing)."""
         settings = {k: decoding[k] for k in DECODING_KEYS if decoding.get(k) is not None}
         self.beam_size = int(settings.get("beam_size", 5))
         self.max_len_a = float(settings.get("max_len_a", 1.2))
@@ -80,7 +85,7 @@ class TranslationPredictor:
     def translate_ids(self, sources: list[list[int]]) -> list[list[int]]:
         """Source piece ids (no eos) -> output piece ids, in input order. Sources are cut to
         max_source_tokens pieces (and to the model's positions, beside the EOS appended)."""
-        limit = self.model.max_positions
+        limit = self.max_positions
         room = source_room(self.max_source_tokens, limit - 1 if limit else None)
         # The cut of training (truncate_sources), so the model decodes what it learnt from.
         cut, self.truncated_sources = truncate_sources(sources, room)
@@ -89,11 +94,12 @@ class TranslationPredictor:
         out: list[list[int]] = [[] for _ in srcs]
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
-            for i, hyp in zip(idx, self._decode_batch([srcs[i] for i in idx]), strict=True):
+            for i, hyp in zip(idx, self.decode_batch([srcs[i] for i in idx]), strict=True):
                 out[i] = hyp
         return out
 
-    def _decode_batch(self, srcs: list[list[int]]) -> list[list[int]]:
+    def decode_batch(self, srcs: list[list[int]]) -> list[list[int]]:
+        """Source ids (EOS appended) -> output ids (no BOS/EOS/PAD), in order."""
         src = np.full((len(srcs), max(len(s) for s in srcs)), PAD_ID, dtype=np.int64)
         for r, s in enumerate(srcs):
             src[r, : len(s)] = s

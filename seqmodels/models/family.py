@@ -74,6 +74,10 @@ class ModelFamily:
     metric_prefix: ClassVar[str] = ""
     # The pipeline may launch its training on several processes (training.distributed).
     distributed_training: ClassVar[bool] = False
+    # The CTranslate2 layout of the family's models, for `seqmodels export`: "encoder_decoder"
+    # or "decoder" (seqmodels.models.ct2_export fills that spec from the model's weights);
+    # None: the family cannot be exported to CTranslate2.
+    ctranslate2_layout: ClassVar[str | None] = None
 
     def preflight(self, arch: Any) -> None:
         """Checks of what lies outside the config (installed packages, a checkpoint to start

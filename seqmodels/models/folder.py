@@ -4,6 +4,8 @@
                      last, so a folder without it is an unfinished model
     spm.model        the SentencePiece vocabulary (families with their own tokenizer: hf/)
     model.pt | ngram.npz   the weights (the family decides which)
+    model.bin, config.json, *vocabulary*   a CTranslate2 export instead (seqmodels.json then
+                     names "runtime": "ctranslate2"; seqmodels.models.ct2_export)
 
 Folders written before format 2 have no "architecture" in seqmodels.json; their settings are
 in model_config.json ({"arch": ..., "config": {...}}), which `read_model_meta` still reads.
@@ -160,6 +162,12 @@ def load_predictor(model_dir: Path, device: str = "auto"):
     """The predictor (seqmodels.inference.predictors) of a finished model folder."""
     meta = read_model_meta(model_dir)
     family, arch = family_and_architecture(meta, Path(model_dir) / META_FILE)
+    if meta.get("runtime") == "ctranslate2":  # a CTranslate2 export (models.ct2_export)
+        from seqmodels.inference.ct2_predictors import load_ct2_predictor
+
+        return load_ct2_predictor(
+            Path(model_dir), family, arch, meta.get("decoding", {}), device=device
+        )
     return family.load(Path(model_dir), arch, meta.get("decoding", {}), device)
 
 

@@ -78,6 +78,7 @@ class TransformerLMFamily(NeuralLMFamily):
     """A decoder-only Transformer language model."""
 
     Architecture = TransformerLMArchitecture
+    ctranslate2_layout = "decoder"  # seqmodels.models.ct2_export
 
     def build(self, arch: TransformerLMArchitecture, vocab_size: int) -> nn.Module:
         return TransformerLanguageModel(arch, vocab_size)

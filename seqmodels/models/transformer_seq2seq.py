@@ -187,6 +187,7 @@ class TransformerSeq2SeqFamily(Seq2SeqFamily):
     """A pre-norm Transformer encoder-decoder."""
 
     Architecture = TransformerSeq2SeqArchitecture
+    ctranslate2_layout = "encoder_decoder"  # seqmodels.models.ct2_export
 
     def build(self, arch: TransformerSeq2SeqArchitecture, vocab_size: int) -> nn.Module:
         return TransformerSeq2Seq(arch, vocab_size)

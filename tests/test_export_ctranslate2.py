@@ -1,0 +1,243 @@
+"""Export of the Transformer families to CTranslate2 (seqmodels.models.ct2_export): the
+exported folder decodes like the torch model it came from, through the same predictor
+interface, and the `seqmodels export` command registers it as a new version of the model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import sacrebleu
+import sentencepiece as spm
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+from seqmodels.evaluation.promotion import CHAMPION
+from seqmodels.models.folder import FORMAT, META_FILE, load_predictor
+from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
+from seqmodels.models.transformer_lm import TransformerLMArchitecture
+from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture
+from tasks.registry import log_pyfunc_model
+from tasks.tracking import mlflow_client
+from tests.conftest import MULTI30K
+from tests.model_helpers import FamilyArch, build
+
+pytest.importorskip("ctranslate2")
+from seqmodels.models.ct2_export import export_ctranslate2  # noqa: E402
+
+DECODING = {"beam_size": 4, "max_len_a": 1.2, "max_len_b": 10, "length_penalty": 1.0}
+TEST_SENTENCES = 200
+runner = CliRunner()
+
+
+def multi30k(mirror: Path, split: str, lang: str) -> list[str]:
+    path = mirror / MULTI30K.removeprefix("https://") / f"{split}.{lang}.gz"
+    return gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
+
+
+def write_folder(out: Path, spec: FamilyArch, task: str, spm_model: Path) -> Path:
+    """The seqmodels.json a trained folder gets (seqmodels.models.folder.train_model)."""
+    (out / "spm.model").write_bytes(spm_model.read_bytes())
+    meta = {
+        "format": FORMAT,
+        "type": spec.type,
+        "task": task,
+        "architecture": spec.arch.model_dump(mode="json"),
+        "decoding": DECODING,
+    }
+    (out / META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="session")
+def multi30k_spm(mirror, tmp_path_factory) -> Path:
+    """A joint de+en SentencePiece model with seqmodels' special ids."""
+    lines = multi30k(mirror, "train", "de")[:8000] + multi30k(mirror, "train", "en")[:8000]
+    prefix = tmp_path_factory.mktemp("spm") / "spm"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=1000,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
+    )  # fmt: skip
+    return prefix.with_suffix(".model")
+
+
+def save_model(spec: FamilyArch, vocab_size: int, out: Path, spm_model: Path, task: str) -> Path:
+    """A freshly built, seeded model as a trained folder (model.pt and seqmodels.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(build(spec, vocab_size, seed=0).state_dict(), out / "model.pt")
+    return write_folder(out, spec, task, spm_model)
+
+
+@pytest.fixture(scope="session")
+def translation_folder(multi30k_spm, tmp_path_factory) -> Path:
+    """A small seeded Transformer with the Multi30k vocabulary. It is not trained: on this
+    shared 2-core machine 150 steps took 150 s and still gave one output for every source,
+    while the seeded weights give each source its own output, so equal outputs mean something.
+    """
+    spec = FamilyArch(
+        "transformer_seq2seq",
+        TransformerSeq2SeqArchitecture(
+            d_model=64, n_head=4, n_enc_layers=2, n_dec_layers=2, d_ff=128, dropout=0.0,
+            max_positions=128,
+        ),
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("mt")
+    vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
+    return save_model(spec, vocab_size, out, multi30k_spm, "translation")
+
+
+@pytest.fixture(scope="session")
+def torch_translations(mirror, translation_folder) -> list[str]:
+    sources = multi30k(mirror, "test_2016_flickr", "de")[:TEST_SENTENCES]
+    return load_predictor(translation_folder, device="cpu").translate(sources)
+
+
+def test_float32_export_translates_like_seqmodels_beam_search(
+    mirror, translation_folder, torch_translations, tmp_path
+):
+    sources = multi30k(mirror, "test_2016_flickr", "de")[:TEST_SENTENCES]
+    refs = [multi30k(mirror, "test_2016_flickr", "en")[:TEST_SENTENCES]]
+    exported = export_ctranslate2(translation_folder, tmp_path / "ct2", "float32")
+
+    ct2 = load_predictor(exported, device="cpu").translate(sources)
+
+    same = sum(a == b for a, b in zip(ct2, torch_translations, strict=True)) / len(sources)
+    torch_bleu = sacrebleu.corpus_bleu(torch_translations, refs).score
+    assert len(set(torch_translations)) >= len(sources) // 10  # outputs depend on the source
+    assert same >= 0.99
+    assert abs(sacrebleu.corpus_bleu(ct2, refs).score - torch_bleu) <= 0.1
+
+
+def test_int8_export_scores_within_half_a_bleu_point(
+    mirror, translation_folder, torch_translations, tmp_path
+):
+    sources = multi30k(mirror, "test_2016_flickr", "de")[:TEST_SENTENCES]
+    refs = [multi30k(mirror, "test_2016_flickr", "en")[:TEST_SENTENCES]]
+    exported = export_ctranslate2(translation_folder, tmp_path / "ct2", "int8")
+
+    ct2 = load_predictor(exported, device="cpu").translate(sources)
+
+    meta = json.loads((exported / META_FILE).read_text())
+    assert (meta["runtime"], meta["quantization"]) == ("ctranslate2", "int8")
+    torch_bleu = sacrebleu.corpus_bleu(torch_translations, refs).score
+    assert abs(sacrebleu.corpus_bleu(ct2, refs).score - torch_bleu) <= 0.5
+
+
+def test_language_model_export_continues_like_seqmodels_greedy(mirror, multi30k_spm, tmp_path):
+    spec = FamilyArch(
+        "transformer_lm",
+        TransformerLMArchitecture(block_size=64, n_layer=2, n_head=4, d_model=64, d_ff=128),
+    )
+    vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
+    folder = save_model(spec, vocab_size, tmp_path / "lm", multi30k_spm, "language_model")
+    prompts = multi30k(mirror, "test_2016_flickr", "en")[:20]
+    prompts = [" ".join(p.split()[:4]) for p in prompts]
+
+    exported = export_ctranslate2(folder, tmp_path / "ct2", "float32")
+
+    want = load_predictor(folder, device="cpu").generate(prompts, 30, temperature=0.0)
+    ct2 = load_predictor(exported, device="cpu")
+    got = ct2.generate(prompts, 30, temperature=0.0)
+    assert got == want
+    assert len(set(want)) > 1
+    with pytest.raises(ValueError, match="more than this CTranslate2 model's 64"):
+        ct2.generate(prompts[:1], 64, temperature=0.0)  # learned positions cannot slide
+
+
+def test_a_family_without_a_ctranslate2_layout_is_refused(multi30k_spm, tmp_path):
+    spec = FamilyArch(
+        "lstm_seq2seq", LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=16)
+    )
+    vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
+    folder = save_model(spec, vocab_size, tmp_path / "lstm", multi30k_spm, "translation")
+
+    with pytest.raises(ValueError, match="lstm_seq2seq model cannot be exported to CTranslate2"):
+        export_ctranslate2(folder, tmp_path / "ct2")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        export_ctranslate2(folder, tmp_path / "ct2", "int4")
+
+
+def register(uri: str, name: str, folder: Path) -> str:
+    """Log a model folder as the pipeline's register task does; its version number."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run():
+        info = log_pyfunc_model(str(folder), "translation", ["Ein Mann fährt Fahrrad."], name)
+    return str(info.registered_model_version)
+
+
+def test_export_command_registers_a_ctranslate2_version_beside_the_champion(
+    mirror, translation_folder, tmp_path
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = register(uri, "mt-ct2", translation_folder)
+    client = mlflow_client(uri)
+    client.set_registered_model_alias("mt-ct2", CHAMPION, parent)
+    parent_run = client.get_model_version("mt-ct2", parent).run_id
+    sources = multi30k(mirror, "test_2016_flickr", "de")[:5]
+
+    result = runner.invoke(app, [
+        "export", "models:/mt-ct2@champion", "--format", "ctranslate2",
+        "--quantization", "int8", "--out", str(tmp_path / "exported"), "--tracking-uri", uri,
+    ])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    version = client.get_model_version("mt-ct2", "2")
+    assert result.stdout.strip() == "models:/mt-ct2/2"
+    assert {k: version.tags[k] for k in ("format", "quantization", "parent_version")} == {
+        "format": "ctranslate2", "quantization": "int8", "parent_version": parent,
+    }  # fmt: skip
+    # A packaging of the champion, not a challenger: the aliases stay, and the parent's run
+    # still names only the parent's version (what a re-run of its register task looks up).
+    assert str(client.get_model_version_by_alias("mt-ct2", CHAMPION).version) == parent
+    assert client.get_registered_model("mt-ct2").aliases == {CHAMPION: int(parent)}
+    parent_versions = client.search_model_versions(f"run_id = '{parent_run}'")
+    assert [str(v.version) for v in parent_versions] == [parent]
+    expected = load_predictor(tmp_path / "exported", device="cpu").translate(sources)
+    served = mlflow.pyfunc.load_model("models:/mt-ct2/2")
+    assert served.predict(sources) == expected
+    translated = runner.invoke(
+        app,
+        ["translate", "--model", "models:/mt-ct2/2", "--tracking-uri", uri],
+        input="\n".join(sources) + "\n",
+    )
+    assert translated.exit_code == 0, translated.output
+    assert translated.stdout.splitlines() == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--format", "onnx"], "unknown --format 'onnx'"),
+        (["--quantization", "int4"], "unknown --quantization 'int4'"),
+    ],
+)
+def test_export_command_refuses_an_unknown_format_or_quantization(tmp_path, options, message):
+    out = ["--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'db'}"]
+
+    result = runner.invoke(app, ["export", "models:/mt/1", *out, *options])
+
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_export_command_refuses_a_family_without_a_ctranslate2_layout(multi30k_spm, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = FamilyArch(
+        "lstm_seq2seq", LSTMSeq2SeqArchitecture(emb_dim=16, enc_hidden=16, dec_hidden=16)
+    )
+    vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
+    lstm = save_model(spec, vocab_size, tmp_path / "lstm", multi30k_spm, "translation")
+    register(uri, "mt-lstm", lstm)
+
+    result = runner.invoke(
+        app, ["export", "models:/mt-lstm/1", "--out", str(tmp_path / "out"), "--tracking-uri", uri]
+    )
+
+    assert result.exit_code == 2
+    assert "lstm_seq2seq model cannot be exported to CTranslate2" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
