@@ -270,13 +270,14 @@ def train_throughput_part(shape: str):
 
 def ctranslate2_figures(suite: SuiteRun, model_folder: Path, batches, beam: int) -> dict:
     """Seconds of CTranslate2 on the same batches (float16 on CUDA, int8 on the CPU) through
-    seqmodels' exporter; {"ctranslate2": "skipped: ..."} when it or ctranslate2 is missing.
+    seqmodels' exporter; {"ctranslate2_status": "skipped: ..."} without it or ctranslate2.
     Lengths are forced as for the others (min = max = L + 1 decoding steps)."""
     try:
         import ctranslate2
+
         from seqmodels.models.ct2_export import export_ctranslate2
     except ImportError as e:
-        return {"ctranslate2": f"skipped: {e}"}
+        return {"ctranslate2_status": f"skipped: {e}"}
     import sentencepiece as spm
 
     quantization = "float16" if suite.device.type == "cuda" else "int8"
