@@ -261,7 +261,10 @@ def run_datasets(folder: Path, out: Path) -> dict:
             reasons.append(_drop_reason(cfg, split, s, t, words=words, letter=letter))
         return {"src": src, "tgt": tgt, "reason": reasons}
 
-    ds = ds.map(clean_batch, batched=True, batch_size=10_000, num_proc=2)
+    # Declared types: a batch whose rows are all kept would otherwise type `reason` as null.
+    text = datasets.Value("string")
+    features = datasets.Features({"split": text, "src": text, "tgt": text, "reason": text})
+    ds = ds.map(clean_batch, batched=True, batch_size=10_000, num_proc=2, features=features)
     alive = ds.filter(lambda b: [r is None for r in b["reason"]], batched=True, num_proc=2)
     eval_src = {s for s, sp in zip(alive["src"], alive["split"], strict=True) if sp != "train"}
     seen: set[tuple[str, str, str]] = set()
