@@ -60,6 +60,7 @@ from train_throughput import (
     hf_available,
     marian,
     sentencepiece_model,
+    seq2seq_architecture,
     sync,
 )
 
@@ -338,15 +339,7 @@ def main() -> None:
     spm_path = sentencepiece_model(data, vocab_size, WORKDIR, size.get("spm_lines"))
     srcs, refs, vocab = encode(data, "test", spm_path)
     srcs, refs = srcs[:n_sent], refs[:n_sent]
-    arch = TransformerSeq2SeqArchitecture(
-        d_model=size["d"],
-        n_head=size["heads"],
-        n_enc_layers=size["layers"],
-        n_dec_layers=size["layers"],
-        d_ff=size["ff"],
-        dropout=0.1,
-        max_positions=256,
-    )
+    arch = seq2seq_architecture(size)
     batches = make_batches(srcs, [len(r) for r in refs], batch_size, arch.max_positions - 1)
     n_tokens = sum(len(s) * (L + 1) for s, L in batches)  # decoder positions per sentence
     print(

@@ -301,23 +301,13 @@ def beam_part(suite: SuiteRun, budget_s: float) -> dict:
     import torch
     import train_throughput as tt
 
-    from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture
-
     size = dt.SIZES["smoke" if suite.quick else "full"]
     beam = 5
     data = __import__("corpora").multi30k_from_parquet(suite.inputs / MT_PARQUET)
     spm_path = suite.inputs / BENCH_SPM
     srcs, refs, vocab = tt.encode(data, "test", spm_path)
     srcs, refs = srcs[: size["sentences"]], refs[: size["sentences"]]
-    arch = TransformerSeq2SeqArchitecture(
-        d_model=size["d"],
-        n_head=size["heads"],
-        n_enc_layers=size["layers"],
-        n_dec_layers=size["layers"],
-        d_ff=size["ff"],
-        dropout=0.1,
-        max_positions=256,
-    )
+    arch = tt.seq2seq_architecture(size)
     batches = dt.make_batches(srcs, [len(r) for r in refs], size["batch"], arch.max_positions - 1)
     n_tokens = sum(len(s) * (L + 1) for s, L in batches)
     translator = dt.seqmodels_translator(arch, vocab, spm_path, suite.device, beam, size["batch"])

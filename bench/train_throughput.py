@@ -115,6 +115,19 @@ SIZES = {
 # --- data -------------------------------------------------------------------------------
 
 
+def seq2seq_architecture(size: dict) -> TransformerSeq2SeqArchitecture:
+    """The Transformer enc-dec of a SIZES entry (d, heads, layers, ff), as every bench builds it."""
+    return TransformerSeq2SeqArchitecture(
+        d_model=size["d"],
+        n_head=size["heads"],
+        n_enc_layers=size["layers"],
+        n_dec_layers=size["layers"],
+        d_ff=size["ff"],
+        dropout=0.1,
+        max_positions=256,
+    )
+
+
 def sentencepiece_model(
     data: dict[str, list[str]], vocab_size: int, workdir: Path, lines: int | None = None
 ) -> Path:
@@ -349,15 +362,7 @@ def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | N
             data, size["vocab"], WORKDIR, size.get("spm_lines")
         )
         srcs_raw, tgts_raw, vocab = encode(data, "train", spm_path)
-        arch = TransformerSeq2SeqArchitecture(
-            d_model=size["d"],
-            n_head=size["heads"],
-            n_enc_layers=size["layers"],
-            n_dec_layers=size["layers"],
-            d_ff=size["ff"],
-            dropout=0.1,
-            max_positions=256,
-        )
+        arch = seq2seq_architecture(size)
         pairs = [(np.array(s), np.array(t)) for s, t in zip(srcs_raw, tgts_raw, strict=True)]
         cfg = {"batch_tokens": size["tokens"], "max_seq_len": arch.max_positions}
         # The trainer's own data path, replayed with its seed: the very batches it will see.
