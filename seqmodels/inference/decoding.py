@@ -191,22 +191,28 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
     B, K = src.size(0), beam_size
     device = src.device
     max_len = _max_lengths(model, src_mask, max_len_a, max_len_b)
+    # The K beams of a sentence start identical: the encoder and the first decoder step run
+    # once per sentence, and their memory, state and logits are then copied to each beam.
     memory = model.encode(src, src_mask)
-    memory = select_batch(memory, torch.arange(B, device=device).repeat_interleave(K))
     state = model.init_state(memory)
+    logits, state = model.decode_step(
+        torch.full((B,), BOS_ID, dtype=torch.long, device=device), state, memory
+    )
+    per_beam = torch.arange(B, device=device).repeat_interleave(K)
+    memory, state = select_batch(memory, per_beam), model.reorder_state(state, per_beam)
+    logits = logits.index_select(0, per_beam)
     max_len_bk = max_len.repeat_interleave(K)
 
     # Rows are (active sentence, beam) pairs; sentences leave the batch once done.
     sent_ids = list(range(B))  # original index of each active sentence
-    tokens = torch.full((B * K,), BOS_ID, dtype=torch.long, device=device)
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first one
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
 
-    for t in range(int(max_len.max()) + 1):
+    n_steps = int(max_len.max()) + 1  # the last forces EOS in every row
+    for t in range(n_steps):
         n = len(sent_ids)
-        logits, state = model.decode_step(tokens, state, memory)
         logp = _next_log_probs(logits, t >= max_len_bk, t, seqs, min_len, no_repeat_ngram_size)
         V = logp.size(1)
         cand = (scores.view(n * K, 1) + logp).view(n, K * V)
@@ -243,6 +249,8 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
         rows, tokens = rows.view(-1), tokens.view(-1)
         seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
         state = model.reorder_state(state, rows)
+        if t + 1 < n_steps:
+            logits, state = model.decode_step(tokens, state, memory)
 
     best_ids, best_scores = _best_hypotheses(finished, sent_ids, seqs, scores, K)
     return (best_ids, best_scores) if return_scores else best_ids
