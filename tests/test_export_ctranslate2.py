@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import sacrebleu
 import sentencepiece as spm
@@ -21,16 +22,17 @@ from seqmodels.models.folder import FORMAT, META_FILE, load_predictor
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
 from seqmodels.models.transformer_lm import TransformerLMArchitecture
 from seqmodels.models.transformer_seq2seq import TransformerSeq2SeqArchitecture
+from seqmodels.training.settings import Seq2SeqTrainSettings
 from tasks.registry import log_pyfunc_model
 from tasks.tracking import mlflow_client
 from tests.conftest import MULTI30K
-from tests.model_helpers import FamilyArch, build
+from tests.model_helpers import FamilyArch, build, train_s2s
 
 pytest.importorskip("ctranslate2")
 from seqmodels.models.ct2_export import export_ctranslate2  # noqa: E402
 
 DECODING = {"beam_size": 4, "max_len_a": 1.2, "max_len_b": 10, "length_penalty": 1.0}
-TEST_SENTENCES = 200
+TEST_SENTENCES = 1000  # all of test_2016_flickr
 runner = CliRunner()
 
 
@@ -73,11 +75,12 @@ def save_model(spec: FamilyArch, vocab_size: int, out: Path, spm_model: Path, ta
 
 
 @pytest.fixture(scope="session")
-def translation_folder(multi30k_spm, tmp_path_factory) -> Path:
-    """A small seeded Transformer with the Multi30k vocabulary. It is not trained: on this
-    shared 2-core machine 150 steps took 150 s and still gave one output for every source,
-    while the seeded weights give each source its own output, so equal outputs mean something.
-    """
+def translation_folder(mirror, multi30k_spm, tmp_path_factory) -> Path:
+    """A small Transformer trained on Multi30k de-en for 400 steps (about a minute on 2 CPU
+    cores): BLEU about 4.5 on test_2016_flickr, a different output for most sources, and
+    about one output in ten running to the maximum length, where beam search forces the EOS
+    (the case where CTranslate2's search differs from seqmodels' and the predictor re-scores
+    the cut hypotheses)."""
     spec = FamilyArch(
         "transformer_seq2seq",
         TransformerSeq2SeqArchitecture(
@@ -85,9 +88,20 @@ def translation_folder(multi30k_spm, tmp_path_factory) -> Path:
             max_positions=128,
         ),
     )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(multi30k_spm))
+    pairs = [
+        (np.array(sp.encode(de), dtype=np.int32), np.array(sp.encode(en), dtype=np.int32))
+        for de, en in zip(
+            multi30k(mirror, "train", "de"), multi30k(mirror, "train", "en"), strict=True
+        )
+    ]
+    settings = Seq2SeqTrainSettings(
+        max_steps=400, batch_tokens=4096, lr=3e-3, warmup_steps=100, eval_every=400,
+        log_every=400, device="cpu", valid_max_tokens=2000,
+    )  # fmt: skip
     out = tmp_path_factory.mktemp("mt")
-    vocab_size = spm.SentencePieceProcessor(model_file=str(multi30k_spm)).vocab_size()
-    return save_model(spec, vocab_size, out, multi30k_spm, "translation")
+    train_s2s(spec, sp.vocab_size(), pairs, pairs[:200], settings, out)
+    return write_folder(out, spec, "translation", multi30k_spm)
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +121,7 @@ def test_float32_export_translates_like_seqmodels_beam_search(
 
     same = sum(a == b for a, b in zip(ct2, torch_translations, strict=True)) / len(sources)
     torch_bleu = sacrebleu.corpus_bleu(torch_translations, refs).score
-    assert len(set(torch_translations)) >= len(sources) // 10  # outputs depend on the source
+    assert torch_bleu > 2 and len(set(torch_translations)) >= len(sources) // 2  # trained
     assert same >= 0.99
     assert abs(sacrebleu.corpus_bleu(ct2, refs).score - torch_bleu) <= 0.1
 
