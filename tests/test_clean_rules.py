@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import html
 import random
+import re
 import unicodedata
 from html.entities import html5
 
 import polars as pl
 
-from seqmodels.data.clean import InputFile, clean_corpus, normalisation_unstable_class
+from seqmodels.data.clean import (
+    InputFile,
+    clean_corpus,
+    normalisation_steps,
+    normalisation_unstable_class,
+)
 from seqmodels.data.entities import entity_table, numeric_references, unescape_html
 from seqmodels.data.settings import CleanConfig
 from seqmodels.data.textfile import prepare_text_file
@@ -97,3 +103,22 @@ def test_text_without_an_unstable_character_is_already_normalised():
         assert 0 < sum(flagged) < len(rows)
         untouched = [r for r, f in zip(rows, flagged, strict=True) if not f]
         assert all(unicodedata.normalize(form, r) == r for r in untouched), form
+
+
+def test_whitespace_rule_collapses_every_run_and_strips_the_ends():
+    # Every Unicode whitespace character Polars' regex knows, in random runs between words.
+    spaces = [chr(c) for c in range(0x3001) if pl.Series([chr(c)]).str.contains(r"^\s$")[0]]
+    rng = random.Random(0)
+    rows = [
+        "".join(
+            rng.choice(spaces) * rng.randint(0, 2) + rng.choice(["a", "bc", "é"]) for _ in range(6)
+        )
+        + rng.choice(["", " ", "\t", "\u3000 "])
+        for _ in range(3000)
+    ]
+    (step,) = [s for s in normalisation_steps(CleanConfig()) if s[0] == "whitespace"]
+
+    out = pl.Series(rows).to_frame("t").select(step[2](pl.col("t"))).to_series().to_list()
+
+    assert len(spaces) >= 20
+    assert out == [" ".join(re.split(r"\s+", row.strip(" ".join(spaces)))) for row in rows]

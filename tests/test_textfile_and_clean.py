@@ -154,3 +154,23 @@ def test_a_file_no_rule_changes_is_linked_not_copied_and_others_are_rewritten(tm
     assert stats.crlf_fixed == 1 and stats.invalid_utf8_lines == 1
     assert (tmp_path / "out" / "dirty.txt").read_text() == "Gr\ufffd\ufffde\nzwei\n"
     assert read_text_stats(tmp_path / "out" / "clean.txt").lines == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "linked"),
+    [
+        ("€uro straße\n" * 3 + "ä" * 9 + "\n", True),  # characters and a line across blocks
+        ("ok\n" + "€" * 7, False),  # no final newline
+        (b"ok\n\xe2\x82\n", False),  # a cut-off UTF-8 sequence
+    ],
+)
+def test_the_clean_file_check_reads_in_blocks_without_splitting_a_character(
+    tmp_path, monkeypatch, content, linked
+):
+    monkeypatch.setattr("seqmodels.data.textfile.CHUNK", 5)  # 5-byte blocks
+    source = tmp_path / "in.txt"
+    source.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    prepare_text_file(source, tmp_path / "out.txt")
+
+    assert ((tmp_path / "out.txt").stat().st_ino == source.stat().st_ino) is linked

@@ -148,8 +148,11 @@ def normalisation_steps(
             ("control_chars", None, lambda s: s.str.replace_all(cc, " ").str.replace_all(cf, ""))
         )
     if cfg.normalize_whitespace:
+        # Every whitespace run that is not one space becomes one (not `\s+`: that matches
+        # each single space too, so it would rewrite every segment), then the ends go.
+        runs = r"\s\s+|[^\S ]"
         steps.append(
-            ("whitespace", None, lambda s: s.str.replace_all(r"\s+", " ").str.strip_chars())
+            ("whitespace", None, lambda s: s.str.replace_all(runs, " ").str.strip_chars())
         )
     return steps
 

