@@ -151,9 +151,7 @@ def normalisation_steps(
         # Every whitespace run that is not one space becomes one (not `\s+`: that matches
         # each single space too, so it would rewrite every segment), then the ends go.
         runs = r"\s\s+|[^\S ]"
-        steps.append(
-            ("whitespace", None, lambda s: s.str.replace_all(runs, " ").str.strip_chars())
-        )
+        steps.append(("whitespace", None, lambda s: s.str.replace_all(runs, " ").str.strip_chars()))
     return steps
 
 
