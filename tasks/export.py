@@ -53,7 +53,10 @@ def export_registered_model(
             requirements=("ctranslate2>=4",),
         )
     version = str(info.registered_model_version)
+    parent_tags = client.get_model_version(name, parent).tags
+    inherited = ("model_name", "model_type", "corpus_version")  # what `compare` shows of it
     tags = {
+        **{key: parent_tags[key] for key in inherited if key in parent_tags},
         "format": RUNTIME,
         "quantization": quantization,
         "parent_version": parent,

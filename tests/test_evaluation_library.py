@@ -178,6 +178,22 @@ def test_records_become_rows_in_version_order():
     assert kn["primary"] is None and kn["history"] == {}
 
 
+def test_an_exported_version_is_labelled_as_the_export_of_its_parent():
+    export = {
+        "version": "4",
+        "run_name": "mt-de-en-v1-ctranslate2-int8",
+        "version_tags": {
+            "model_name": "transformer", "model_type": "transformer", "format": "ctranslate2",
+            "quantization": "int8", "parent_version": "1",
+        },
+    }  # fmt: skip
+
+    row = build_comparison("mt-de-en", [*_records(), export])["rows"][-1]
+
+    assert row["model"] == "transformer (ctranslate2 int8 of v1)"
+    assert row["model_type"] == "transformer" and row["primary"] is None
+
+
 def test_a_language_model_comparison_finds_its_metric_from_the_metrics_logged():
     records = [{"version": "1", "metrics": {"test_bits_per_char": 2.1, "test_ppl_per_word": 90}}]
     comparison = build_comparison("lm", records)

@@ -191,6 +191,7 @@ def test_export_command_registers_a_ctranslate2_version_beside_the_champion(
     parent = register(uri, "mt-ct2", translation_folder)
     client = mlflow_client(uri)
     client.set_registered_model_alias("mt-ct2", CHAMPION, parent)
+    client.set_model_version_tag("mt-ct2", parent, "model_name", "transformer")  # as `register`
     parent_run = client.get_model_version("mt-ct2", parent).run_id
     sources = multi30k(mirror, "test_2016_flickr", "de")[:5]
 
@@ -205,6 +206,7 @@ def test_export_command_registers_a_ctranslate2_version_beside_the_champion(
     assert {k: version.tags[k] for k in ("format", "quantization", "parent_version")} == {
         "format": "ctranslate2", "quantization": "int8", "parent_version": parent,
     }  # fmt: skip
+    assert version.tags["model_name"] == "transformer"  # the parent's, for `seqmodels compare`
     # A packaging of the champion, not a challenger: the aliases stay, and the parent's run
     # still names only the parent's version (what a re-run of its register task looks up).
     assert str(client.get_model_version_by_alias("mt-ct2", CHAMPION).version) == parent

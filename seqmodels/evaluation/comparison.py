@@ -97,9 +97,13 @@ def comparison_row(record: VersionRecord, metric: str | None) -> dict:
     tags, run_tags = record.get("version_tags", {}), record.get("run_tags", {})
     ci = (m.get(f"{metric}_ci_low"), m.get(f"{metric}_ci_high")) if metric else (None, None)
     history = record.get("history", {})
+    model = tags.get("model_name") or record.get("run_name", "")
+    if "format" in tags:  # an export (`seqmodels export`) of another version: say so
+        packaging = " ".join(tags[k] for k in ("format", "quantization") if k in tags)
+        model += f" ({packaging} of v{tags.get('parent_version', '?')})"
     return {
         "version": str(record["version"]),
-        "model": tags.get("model_name") or record.get("run_name", ""),
+        "model": model,
         "model_type": tags.get("model_type") or run_tags.get("model_type", ""),
         # The corpus version the model was trained on (lineage tag of the version or its run).
         "corpus_version": tags.get("corpus_version") or run_tags.get("corpus_version"),
