@@ -27,6 +27,7 @@ from tasks.registry import log_pyfunc_model
 from tasks.tracking import mlflow_client
 from tests.conftest import MULTI30K
 from tests.model_helpers import FamilyArch, build, train_s2s
+from tests.serving import serve_and_predict
 
 pytest.importorskip("ctranslate2")
 from seqmodels.models.ct2_export import export_ctranslate2  # noqa: E402
@@ -216,6 +217,8 @@ def test_export_command_registers_a_ctranslate2_version_beside_the_champion(
     expected = load_predictor(tmp_path / "exported", device="cpu").translate(sources)
     served = mlflow.pyfunc.load_model("models:/mt-ct2/2")
     assert served.predict(sources) == expected
+    body = {"inputs": sources, "params": {"task": "translate"}}
+    assert serve_and_predict(uri, "models:/mt-ct2/2", body, tmp_path) == expected  # over HTTP
     translated = runner.invoke(
         app,
         ["translate", "--model", "models:/mt-ct2/2", "--tracking-uri", uri],
