@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,18 +110,18 @@ def _peak_rss_mb() -> float:
 def run_polars(folder: Path, out: Path) -> dict:
     # CleanConfig from its own module: seqmodels.config imports the model registry (torch),
     # which would count in this worker's peak RSS.
-    from seqmodels.data.clean import InputFile, clean_corpus
-    from seqmodels.data.settings import CleanConfig
-    from seqmodels.data.textfile import prepare_text_file
+    from seqmodels.data.clean import clean_corpus
+    from seqmodels.data.corpus_reader import prepare_inputs
+    from seqmodels.data.settings import CleanConfig, CorpusConfig
 
     t0 = time.perf_counter()
-    inputs = []
-    for name, split in (("train", "train"), ("val", "valid"), ("test", "test")):
-        for lang in ("de", "en"):
-            raw = folder / f"{name}.{lang}"
-            text = out / "text" / raw.name
-            stats = prepare_text_file(raw, text)
-            inputs.append(InputFile(text, f"file://{raw}", split, lang, stats))
+    raw = [folder / f"{name}.{lang}" for name in ("train", "val", "test") for lang in ("de", "en")]
+    splits = {"train": "train", "val": "valid", "test": "test"}
+    corpus = CorpusConfig(
+        kind="parallel", src_lang="de", tgt_lang="en",
+        files=[{"url": f"file://{p}", "split": splits[p.stem], "lang": p.suffix[1:]} for p in raw],
+    )  # fmt: skip
+    inputs = prepare_inputs(raw, corpus, out)  # as the pipeline's clean stage prepares them
     t1 = time.perf_counter()
     parquet, report = clean_corpus(inputs, out / "clean", CleanConfig(), "parallel", "de", "en")
     t2 = time.perf_counter()
@@ -350,6 +351,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run = {"polars": run_polars, "pandas": run_pandas, "datasets": run_datasets}[args.worker]
+        shutil.rmtree(args.out, ignore_errors=True)  # nothing prepared by an earlier round
         print(json.dumps(run(args.data, args.out)))
         return
 
