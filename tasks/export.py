@@ -40,7 +40,8 @@ def export_registered_model(
         folder = fetch_model_folder(pinned, Path(tmp))
         exported = export_ctranslate2(folder, Path(out_dir), quantization)
     task_kind = read_model_meta(exported).get("task", "")
-    parent_run = client.get_run(client.get_model_version(name, parent).run_id)
+    parent_version = client.get_model_version(name, parent)
+    parent_run = client.get_run(parent_version.run_id)
     with mlflow.start_run(
         experiment_id=parent_run.info.experiment_id,
         run_name=f"{name}-v{parent}-{RUNTIME}-{quantization}",
@@ -53,10 +54,9 @@ def export_registered_model(
             requirements=("ctranslate2>=4",),
         )
     version = str(info.registered_model_version)
-    parent_tags = client.get_model_version(name, parent).tags
     inherited = ("model_name", "model_type", "corpus_version")  # what `compare` shows of it
     tags = {
-        **{key: parent_tags[key] for key in inherited if key in parent_tags},
+        **{key: parent_version.tags[key] for key in inherited if key in parent_version.tags},
         "format": RUNTIME,
         "quantization": quantization,
         "parent_version": parent,

@@ -76,7 +76,7 @@ def _lines_if_already_clean(source: Path) -> int | None:
     for a large corpus) is then linked, not copied, which saves writing it again."""
     if source.suffix in _OPENERS:
         return None
-    lines, pending = 0, b""
+    lines, pending = 0, bytearray()  # grows in place: a file with few newlines stays linear
     with open(source, "rb") as f:
         while block := f.read(CHUNK):
             if not lines and not pending and block.startswith(b"\xef\xbb\xbf"):
@@ -91,12 +91,12 @@ def _lines_if_already_clean(source: Path) -> int | None:
                 continue
             if not is_utf8(pending + block[:cut]):
                 return None
-            pending = block[cut:]
+            pending = bytearray(block[cut:])
             lines += block.count(b"\n")
     return lines if not pending else None  # `pending`: a last line without its newline
 
 
-def is_utf8(data: bytes) -> bool:
+def is_utf8(data: bytes | bytearray) -> bool:
     """Whether `data` is valid UTF-8: Arrow's validation (SIMD), about 4x faster than
     decoding it in Python, which would also build the string."""
     try:
