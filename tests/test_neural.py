@@ -17,6 +17,7 @@ from seqmodels.inference.decoding import (
     beam_search,
     greedy_decode,
     sample_continuation,
+    select_batch,
     sequence_log_probs,
 )
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
@@ -160,8 +161,14 @@ def test_sampling_past_block_size_and_seeded():
 # --- seq2seq models and decoding ---------------------------------------------------------
 
 
+# Rows kept before a step, as beam search keeps them: none reordered; or rows 2, 0, 2 before
+# step 1 and, before step 3, the last two of those, then swapped (repeats, drops, two in a row).
+REORDERS = {"in_order": {}, "reordered": {1: [[2, 0, 2]], 3: [[1, 2], [1, 0]]}}
+
+
+@pytest.mark.parametrize("reorders", REORDERS)
 @pytest.mark.parametrize("name", TINY_S2S)
-def test_seq2seq_incremental_decoding_matches_forward(name):
+def test_seq2seq_incremental_decoding_matches_forward(name, reorders):
     model = tiny_model(TINY_S2S[name])
     src, mask = padded_batch(SOURCES)
     tgt_in = torch.tensor([[BOS_ID, 7, 8, 9, 20], [BOS_ID, 11, 12, 13, 14], [BOS_ID, 5, 5, 6, 7]])
@@ -169,11 +176,13 @@ def test_seq2seq_incremental_decoding_matches_forward(name):
     assert full.shape == (3, 5, V)
     memory = model.encode(src, mask)
     state = model.init_state(memory)
-    steps = []
+    rows = torch.arange(3)  # the original row behind each row of the state
     for t in range(tgt_in.size(1)):
-        logits, state = model.decode_step(tgt_in[:, t], state, memory)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+        for keep in map(torch.tensor, REORDERS[reorders].get(t, [])):
+            state, memory = model.reorder_state(state, keep), select_batch(memory, keep)
+            rows = rows[keep]
+        logits, state = model.decode_step(tgt_in[rows, t], state, memory)
+        torch.testing.assert_close(logits, full[rows, t], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["transformer", "lstm"])

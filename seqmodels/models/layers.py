@@ -125,6 +125,28 @@ def self_attention(
     return y, (k, v)
 
 
+def append_position(
+    past: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor
+) -> torch.Tensor:
+    """torch.cat([past.index_select(0, rows), new], dim=2) with one copy of the past instead
+    of two: the cached keys or values (N, n_head, T, head_dim) of the rows that beam search
+    kept (`rows`, None: all, in order), then the new position's (n, n_head, 1, head_dim).
+
+    Gathering the rows into the grown tensor directly halves the cache traffic of a beam
+    search step (reorder, then append, each copying the whole past was a quarter of a CPU
+    Transformer-base beam search)."""
+    if torch.is_grad_enabled() and (past.requires_grad or new.requires_grad):  # out= has no grad
+        return torch.cat([past if rows is None else past.index_select(0, rows), new], dim=2)
+    n, H, T, D = new.size(0), past.size(1), past.size(2), past.size(3)
+    out = new.new_empty(n, H, T + new.size(2), D)
+    if rows is None:
+        out[:, :, :T] = past
+    else:
+        torch.index_select(past, 0, rows, out=out[:, :, :T])
+    out[:, :, T:] = new
+    return out
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm Transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from seqmodels import PAD_ID
-from seqmodels.inference.decoding import select_batch
 from seqmodels.models.family import Seq2SeqFamily
 from seqmodels.models.layers import (
     FeedForward,
     MultiHeadAttention,
+    append_position,
     init_transformer_weights,
     self_attention,
     sinusoidal_table,
@@ -72,7 +72,16 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(c.d_model, c.d_ff, c.dropout)
 
     def forward(self, x, past, cross_kv, cross_mask):
-        y, kv = self_attention(self.self_attn, self.ln1(x), past)
+        """past None: every target position at once (training, scoring). Otherwise x is one
+        new position and past this layer's (keys, values, rows beam search kept)."""
+        h = self.ln1(x)
+        if past is None:
+            y, kv = self_attention(self.self_attn, h, None)
+        else:
+            past_k, past_v, rows = past
+            k, v = self.self_attn.project_kv(h)
+            kv = (append_position(past_k, rows, k), append_position(past_v, rows, v))
+            y = self.self_attn(h, kv)
         x = x + y
         x = x + self.cross_attn(self.ln2(x), cross_kv, attn_mask=cross_mask)
         x = x + self.ffn(self.ln3(x))
@@ -141,13 +150,13 @@ class TransformerSeq2Seq(nn.Module):
         cross_mask = memory["mask"][:, None, None, :]
         new_k, new_v = [], []
         for i, layer in enumerate(self.dec_layers):
-            past = (state["self_k"][i], state["self_v"][i]) if state else None
+            past = (state["self_k"][i], state["self_v"][i], state["rows"]) if state else None
             cross_kv = (memory["cross_k"][i], memory["cross_v"][i])
             x, (k, v) = layer(x, past, cross_kv, cross_mask)
             new_k.append(k)
             new_v.append(v)
         logits = F.linear(self.dec_ln(x), self.tgt_emb.weight)
-        return logits, {"self_k": new_k, "self_v": new_v}
+        return logits, {"self_k": new_k, "self_v": new_v, "rows": None}
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor):
         logits, _ = self._decode(tgt_in, None, self.encode(src, src_mask))
@@ -157,7 +166,7 @@ class TransformerSeq2Seq(nn.Module):
         k = memory["cross_k"][0]
         empty = k.new_zeros(k.size(0), k.size(1), 0, k.size(3))
         n = self.arch.n_dec_layers
-        return {"self_k": [empty] * n, "self_v": [empty] * n}
+        return {"self_k": [empty] * n, "self_v": [empty] * n, "rows": None}
 
     def decode_step(self, tokens: torch.Tensor, state: dict, memory: dict):
         """tokens (N,) -> logits (N, V) for the next position, and the grown KV cache."""
@@ -165,7 +174,10 @@ class TransformerSeq2Seq(nn.Module):
         return logits[:, 0], state
 
     def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
-        return select_batch(state, index)
+        # Only the rows are recorded: the next decode_step gathers them as it appends its
+        # position (layers.append_position), one copy of the cache instead of two.
+        rows = index if state["rows"] is None else state["rows"][index]
+        return {**state, "rows": rows}
 
     @property
     def max_positions(self) -> int:
