@@ -166,23 +166,28 @@ def test_sampling_past_block_size_and_seeded():
 REORDERS = {"in_order": {}, "reordered": {1: [[2, 0, 2]], 3: [[1, 2], [1, 0]]}}
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])  # search, training
 @pytest.mark.parametrize("reorders", REORDERS)
 @pytest.mark.parametrize("name", TINY_S2S)
-def test_seq2seq_incremental_decoding_matches_forward(name, reorders):
+def test_seq2seq_incremental_decoding_matches_forward(name, reorders, grad):
     model = tiny_model(TINY_S2S[name])
+    with torch.no_grad():  # weights large enough that every row's past moves its logits
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
     src, mask = padded_batch(SOURCES)
     tgt_in = torch.tensor([[BOS_ID, 7, 8, 9, 20], [BOS_ID, 11, 12, 13, 14], [BOS_ID, 5, 5, 6, 7]])
-    full = model(src, mask, tgt_in)
+    full = model(src, mask, tgt_in).detach()
     assert full.shape == (3, 5, V)
-    memory = model.encode(src, mask)
-    state = model.init_state(memory)
-    rows = torch.arange(3)  # the original row behind each row of the state
-    for t in range(tgt_in.size(1)):
-        for keep in map(torch.tensor, REORDERS[reorders].get(t, [])):
-            state, memory = model.reorder_state(state, keep), select_batch(memory, keep)
-            rows = rows[keep]
-        logits, state = model.decode_step(tgt_in[rows, t], state, memory)
-        torch.testing.assert_close(logits, full[rows, t], atol=1e-5, rtol=1e-5)
+    with torch.set_grad_enabled(grad):
+        memory = model.encode(src, mask)
+        state = model.init_state(memory)
+        rows = torch.arange(3)  # the original row behind each row of the state
+        for t in range(tgt_in.size(1)):
+            for keep in map(torch.tensor, REORDERS[reorders].get(t, [])):
+                state, memory = model.reorder_state(state, keep), select_batch(memory, keep)
+                rows = rows[keep]
+            logits, state = model.decode_step(tgt_in[rows, t], state, memory)
+            torch.testing.assert_close(logits, full[rows, t], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["transformer", "lstm"])
