@@ -101,36 +101,12 @@ class FeedForward(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
-def self_attention(
-    attn: MultiHeadAttention,
-    h: torch.Tensor,
-    past: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Causal self-attention of new positions h over past + new keys/values."""
-    k, v = attn.project_kv(h)
-    n_past = 0
-    if past is not None and past[0].size(2) > 0:
-        n_past = past[0].size(2)
-        k = torch.cat([past[0], k], dim=2)
-        v = torch.cat([past[1], v], dim=2)
-    T = h.size(1)
-    if n_past == 0:
-        y = attn(h, (k, v), is_causal=T > 1)
-    elif T == 1:
-        y = attn(h, (k, v))  # one new query may see everything before it
-    else:
-        # is_causal would align the mask top-left; with a cache the new queries sit at the end.
-        mask = torch.ones(T, n_past + T, dtype=torch.bool, device=h.device).tril(diagonal=n_past)
-        y = attn(h, (k, v), attn_mask=mask)
-    return y, (k, v)
-
-
-def append_position(
+def append_positions(
     past: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor
 ) -> torch.Tensor:
     """torch.cat([past.index_select(0, rows), new], dim=2) with one copy of the past instead
     of two: the cached keys or values (N, n_head, T, head_dim) of the rows that beam search
-    kept (`rows`, None: all, in order), then the new position's (n, n_head, 1, head_dim).
+    kept (`rows`, None: all, in order), then the new positions' (n, n_head, T_new, head_dim).
 
     Gathering the rows into the grown tensor directly halves the cache traffic of a beam
     search step (reorder, then append, each copying the whole past was a quarter of a CPU
@@ -145,6 +121,33 @@ def append_position(
         torch.index_select(past, 0, rows, out=out[:, :, :T])
     out[:, :, T:] = new
     return out
+
+
+def self_attention(
+    attn: MultiHeadAttention,
+    h: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Causal self-attention of new positions h over past + new keys/values. `rows`: the
+    rows of `past` that h continues (beam search's reorder, gathered while appending; None:
+    every row, in order)."""
+    k, v = attn.project_kv(h)
+    n_past = 0
+    if past is not None and past[0].size(2) > 0:
+        n_past = past[0].size(2)
+        k = append_positions(past[0], rows, k)
+        v = append_positions(past[1], rows, v)
+    T = h.size(1)
+    if n_past == 0:
+        y = attn(h, (k, v), is_causal=T > 1)
+    elif T == 1:
+        y = attn(h, (k, v))  # one new query may see everything before it
+    else:
+        # is_causal would align the mask top-left; with a cache the new queries sit at the end.
+        mask = torch.ones(T, n_past + T, dtype=torch.bool, device=h.device).tril(diagonal=n_past)
+        y = attn(h, (k, v), attn_mask=mask)
+    return y, (k, v)
 
 
 class DecoderBlock(nn.Module):

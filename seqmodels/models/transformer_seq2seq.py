@@ -18,7 +18,6 @@ from seqmodels.models.family import Seq2SeqFamily
 from seqmodels.models.layers import (
     FeedForward,
     MultiHeadAttention,
-    append_position,
     init_transformer_weights,
     self_attention,
     sinusoidal_table,
@@ -71,17 +70,8 @@ class DecoderLayer(nn.Module):
         self.ln3 = nn.LayerNorm(c.d_model)
         self.ffn = FeedForward(c.d_model, c.d_ff, c.dropout)
 
-    def forward(self, x, past, cross_kv, cross_mask):
-        """past None: every target position at once (training, scoring). Otherwise x is one
-        new position and past this layer's (keys, values, rows beam search kept)."""
-        h = self.ln1(x)
-        if past is None:
-            y, kv = self_attention(self.self_attn, h, None)
-        else:
-            past_k, past_v, rows = past
-            k, v = self.self_attn.project_kv(h)
-            kv = (append_position(past_k, rows, k), append_position(past_v, rows, v))
-            y = self.self_attn(h, kv)
+    def forward(self, x, past, cross_kv, cross_mask, rows=None):
+        y, kv = self_attention(self.self_attn, self.ln1(x), past, rows)
         x = x + y
         x = x + self.cross_attn(self.ln2(x), cross_kv, attn_mask=cross_mask)
         x = x + self.ffn(self.ln3(x))
@@ -150,9 +140,9 @@ class TransformerSeq2Seq(nn.Module):
         cross_mask = memory["mask"][:, None, None, :]
         new_k, new_v = [], []
         for i, layer in enumerate(self.dec_layers):
-            past = (state["self_k"][i], state["self_v"][i], state["rows"]) if state else None
+            past = (state["self_k"][i], state["self_v"][i]) if state else None
             cross_kv = (memory["cross_k"][i], memory["cross_v"][i])
-            x, (k, v) = layer(x, past, cross_kv, cross_mask)
+            x, (k, v) = layer(x, past, cross_kv, cross_mask, state["rows"] if state else None)
             new_k.append(k)
             new_v.append(v)
         logits = F.linear(self.dec_ln(x), self.tgt_emb.weight)
@@ -175,7 +165,7 @@ class TransformerSeq2Seq(nn.Module):
 
     def reorder_state(self, state: dict, index: torch.Tensor) -> dict:
         # Only the rows are recorded: the next decode_step gathers them as it appends its
-        # position (layers.append_position), one copy of the cache instead of two.
+        # position (layers.append_positions), one copy of the cache instead of two.
         rows = index if state["rows"] is None else state["rows"][index]
         return {**state, "rows": rows}
 
