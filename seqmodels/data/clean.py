@@ -232,27 +232,36 @@ def _normalise(
     return lf
 
 
-def _measure(columns: list[str], cfg: CleanConfig) -> dict[str, pl.Expr]:
-    """Per-segment sizes: characters, words, letters (stored, so the report reuses them)."""
-    # With whitespace normalised, spaces are single " ": counting them is a fast literal scan.
-    sizes = {}
+def _measure(lf: pl.LazyFrame, columns: list[str], cfg: CleanConfig) -> pl.LazyFrame:
+    """Per-segment sizes: characters, words, letters (stored, so the report reuses them).
+
+    The two scans of the text (spaces, and non-letters that are not spaces) run once each
+    into scratch columns that the sizes are then computed from: written as one expression
+    per size, the space count ran twice (once for the words, once for the letters).
+    """
+    counts, sizes = {}, {}
     for c in columns:
-        if cfg.normalize_whitespace:
-            spaces = pl.col(c).str.count_matches(" ", literal=True)
-        else:
-            spaces = pl.col(c).str.count_matches(r"\s")
-        chars = pl.col(c).str.len_chars()
-        sizes[f"_chars_{c}"] = chars
+        # With whitespace normalised, spaces are single " ": counting them is a literal scan.
+        counts[f"_chars_{c}"] = pl.col(c).str.len_chars()
+        counts[f"_spaces_{c}"] = (
+            pl.col(c).str.count_matches(" ", literal=True)
+            if cfg.normalize_whitespace
+            else pl.col(c).str.count_matches(r"\s")
+        )
+        # Letters among non-space characters: count the (few) non-letter, non-space ones.
+        counts[f"_others_{c}"] = pl.col(c).str.count_matches(r"[^\p{L}\s]")
+        chars, spaces = pl.col(f"_chars_{c}"), pl.col(f"_spaces_{c}")
         sizes[f"_words_{c}"] = (
             pl.when(chars == 0).then(0).otherwise(spaces + 1)
             if cfg.normalize_whitespace
             else pl.col(c).str.count_matches(r"\S+")
         ).cast(pl.Int64)
-        # Letters among non-space characters: count the (few) non-letter, non-space ones.
-        others = pl.col(c).str.count_matches(r"[^\p{L}\s]")
         non_space = chars - spaces
-        sizes[f"_letters_{c}"] = (non_space - others) / non_space.clip(lower_bound=1)
-    return sizes
+        sizes[f"_letters_{c}"] = (non_space - pl.col(f"_others_{c}")) / non_space.clip(
+            lower_bound=1
+        )
+    scratch = [name for name in counts if not name.startswith("_chars_")]
+    return lf.with_columns(**counts).with_columns(**sizes).drop(scratch)
 
 
 def _drop_reason(columns: list[str], cfg: CleanConfig, parallel: bool) -> pl.Expr:
@@ -301,7 +310,7 @@ def _first_pass(
                 _row=pl.lit(index, dtype=pl.Int64) * (1 << 40) + pl.col("line"),
             )
         )
-    lf = _normalise(pl.concat(frames), columns, cfg, lists).with_columns(**_measure(columns, cfg))
+    lf = _measure(_normalise(pl.concat(frames), columns, cfg, lists), columns, cfg)
     key = pl.concat_str([pl.col(c) for c in columns], separator="\x1f").hash(seed=0)
     return lf.with_columns(
         drop_reason=_drop_reason(columns, cfg, parallel),
