@@ -122,3 +122,24 @@ def test_whitespace_rule_collapses_every_run_and_strips_the_ends():
 
     assert len(spaces) >= 20
     assert out == [" ".join(re.split(r"\s+", row.strip(" ".join(spaces)))) for row in rows]
+
+
+def test_control_character_rule_spaces_cc_and_drops_cf_as_unicodedata_says():
+    # Every Cc and Cf character this Python knows, between words: Cc (but tab) becomes a
+    # space, Cf goes, but ZWNJ/ZWJ (which Persian and Indic scripts need) stay.
+    controls = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) in ("Cc", "Cf")]
+    rng = random.Random(1)
+    pieces = ["ab", "é", " ", *controls]
+    rows = ["".join(rng.choice(pieces) for _ in range(12)) for _ in range(4000)]
+    (step,) = [s for s in normalisation_steps(CleanConfig()) if s[0] == "control_chars"]
+
+    out = pl.Series(rows).to_frame("t").select(step[2](pl.col("t"))).to_series().to_list()
+
+    def reference(ch: str) -> str:
+        if ch in "\t\u200c\u200d":
+            return ch
+        return {"Cc": " ", "Cf": ""}.get(unicodedata.category(ch), ch)
+
+    assert len(controls) > 150
+    assert set("".join(rows)) >= set(controls)
+    assert out == ["".join(reference(ch) for ch in row) for row in rows]

@@ -12,6 +12,7 @@ The output is written to a temp name and renamed, so it is either complete or ab
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import unicodedata
@@ -142,17 +143,34 @@ def normalisation_steps(
         unstable = normalisation_unstable_class(form)
         steps.append((f"unicode_{form.lower()}", unstable, lambda s: s.str.normalize(form)))
     if cfg.remove_control_chars:
-        # Cc (except tab) become spaces; Cf go, except ZWNJ/ZWJ that some scripts need.
-        cc, cf = r"[\p{Cc}&&[^\t]]", r"[\p{Cf}&&[^\x{200C}\x{200D}]]"
-        steps.append(
-            ("control_chars", None, lambda s: s.str.replace_all(cc, " ").str.replace_all(cf, ""))
-        )
+        chars, becomes = control_character_table()
+        steps.append(("control_chars", None, lambda s: s.str.replace_many(chars, becomes)))
     if cfg.normalize_whitespace:
         # Every whitespace run that is not one space becomes one (not `\s+`: that matches
         # each single space too, so it would rewrite every segment), then the ends go.
         runs = r"\s\s+|[^\S ]"
         steps.append(("whitespace", None, lambda s: s.str.replace_all(runs, " ").str.strip_chars()))
     return steps
+
+
+# Cc (except tab) become spaces; Cf go, except ZWNJ/ZWJ that some scripts need.
+CONTROL_TO_SPACE, FORMAT_REMOVED = r"[\p{Cc}&&[^\t]]", r"[\p{Cf}&&[^\x{200C}\x{200D}]]"
+
+
+@functools.lru_cache(maxsize=1)
+def control_character_table() -> tuple[list[str], list[str]]:
+    """The characters the control-character rule rewrites, and what each becomes.
+
+    The sets are read from Polars' own regex classes (CONTROL_TO_SPACE, FORMAT_REMOVED: the
+    Unicode version of its regex engine), so one `replace_many` pass over the table (Aho-
+    Corasick; half the time of the two regex passes it replaces) changes exactly what those
+    two `replace_all` passes would. About 0.3 s, once per process.
+    """
+    code_points = itertools.chain(range(0xD800), range(0xE000, sys.maxunicode + 1))
+    every = pl.Series([chr(cp) for cp in code_points])
+    to_space = every.filter(every.str.contains(CONTROL_TO_SPACE)).to_list()
+    removed = every.filter(every.str.contains(FORMAT_REMOVED)).to_list()
+    return to_space + removed, [" "] * len(to_space) + [""] * len(removed)
 
 
 @functools.lru_cache(maxsize=2)
