@@ -69,6 +69,12 @@ EVENT = "seqmodels.corpus.changed"
 NIGHTLY = "seqmodels-pipeline/nightly-grow"
 WATCH = "seqmodels-watch-corpus/watch-grow"
 SETTLE_SECONDS = 3
+# Prefect's server on SQLite waits up to 60 s (its busy_timeout) for the write lock, and on
+# two busy cores its trigger service and API can hold each other up that long. In one CI
+# run the watch's event reached the server at once and the automation fired 2.5 s later,
+# but both were written to the database 60-67 s after. So a wait for something the server
+# writes allows for one such stall on top of the time the thing itself takes.
+SQLITE_LOCK_WAIT_S = 60
 
 
 def write_config(tmp_path: Path, mlflow_url: str) -> Path:
@@ -259,7 +265,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
                     lambda: next(
                         (m for i in flow_run_ids for m in run_logs(client, i) if text in m), None
                     ),
-                    30,
+                    30 + SQLITE_LOCK_WAIT_S,
                     f"a log line with {text!r}" + tails(),
                 )
 
@@ -279,7 +285,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
                 """The run of the nightly deployment the event's trigger created."""
                 new = wait_for(
                     lambda: [r for i, r in nightly_runs().items() if i not in known],
-                    120,
+                    120 + SQLITE_LOCK_WAIT_S,
                     "the triggered run" + tails(),
                 )
                 assert len(new) == 1, new
@@ -299,7 +305,11 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             with slow_writer(incoming / "part-4.jsonl"):
                 known = set(nightly_runs())
                 watch(f"emitted {EVENT}")
-                (event,) = wait_for(emitted, 60, "the event in the server's event log")
+                (event,) = wait_for(
+                    emitted,
+                    30 + SQLITE_LOCK_WAIT_S,
+                    "the event in the server's event log" + tails(),
+                )
                 assert event.resource.id == f"seqmodels.experiment.{EXPERIMENT}"
                 version_b = event.payload["corpus_version"]
                 assert event.payload["previous"] == version_a != version_b
@@ -347,7 +357,7 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             assert killed.created_by.type == "AUTOMATION"
             wait_for(
                 lambda: client.read_flow_run(killed.id).state.is_running(),
-                120,
+                120 + SQLITE_LOCK_WAIT_S,
                 "the triggered run to start" + tails(),
             )
             # While it runs, the change is announced again (as a second watch would): the
@@ -361,14 +371,14 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             )
             queued = triggered_run(known | {killed.id})
             assert queued.created_by.type == "AUTOMATION"
-            assert emitter.wait(timeout=60) == 0
+            assert emitter.wait(timeout=60 + SQLITE_LOCK_WAIT_S) == 0
             # The worker offers it and the server holds it back: the first run has the slot.
             waiting = wait_for(
                 lambda: (
                     (s := client.read_flow_run(queued.id).state).name == "AwaitingConcurrencySlot"
                     and s
                 ),
-                60,
+                60 + SQLITE_LOCK_WAIT_S,
                 "the second triggered run to wait for the slot" + tails(),
             )
             assert waiting.is_scheduled(), waiting
@@ -388,8 +398,8 @@ def test_a_new_file_triggers_a_run_that_continues_the_champion_on_real_servers(t
             assert new_checkpoints
             state = wait_for(
                 lambda: (s := client.read_flow_run(killed.id).state).is_final() and s,
-                120,
-                "the killed run to be marked final",
+                120 + SQLITE_LOCK_WAIT_S,
+                "the killed run to be marked final" + tails(),
             )
             assert state.type == StateType.CRASHED, state
             # The last checkpoint the killed run wrote: it trains on while the kill is on its
