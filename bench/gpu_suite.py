@@ -330,7 +330,10 @@ def beam_part(suite: SuiteRun, budget_s: float) -> dict:
     for impl, secs in seconds.items():
         out[f"{impl}_seconds"] = secs
     folder = model_folder(arch, vocab, spm_path, suite.work / "beam-model")
-    ct2 = ctranslate2_figures(suite, folder, batches, beam)
+    try:
+        ct2 = ctranslate2_figures(suite, folder, batches, beam)
+    except Exception as e:  # e.g. a ctranslate2 wheel built for another CUDA than the GPU's
+        ct2 = {"ctranslate2_status": f"error: {type(e).__name__}: {e}"}
     if "ctranslate2_seconds" in ct2:
         ct2["ctranslate2_vs_hf"] = seconds.get("hf", 0) / ct2["ctranslate2_seconds"] or None
         ct2["ctranslate2_vs_seqmodels"] = seconds["seqmodels"] / ct2["ctranslate2_seconds"]

@@ -118,3 +118,24 @@ def test_a_part_over_its_budget_is_reported_and_the_rest_still_run(prepared, mon
     assert lines[0]["budget_s"] == 0.5
     assert lines[1] == {**lines[1], "part": "quick", "status": "ok", "answer": 42}
     assert lines[2]["status"] == {"endless": "over_budget", "quick": "ok"}
+
+
+def test_a_ctranslate2_that_cannot_load_on_the_device_leaves_the_beam_figures(
+    prepared, monkeypatch, capsys
+):
+    # The GPU image's CUDA may not be the one the ctranslate2 wheel was built for (4.8.5
+    # opens libcublas.so.12); then the comparison says why, and seqmodels' figures stay.
+    pytest.importorskip("ctranslate2")
+    import ctranslate2
+
+    def translator_without_cublas(*args, **kwargs):
+        raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
+
+    monkeypatch.setattr(ctranslate2, "Translator", translator_without_cublas)
+    folder, _ = prepared
+    gpu_suite.main(["run", "--inputs", str(folder), "--quick", "--parts", "beam"])
+    beam = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert beam["status"] == "ok" and beam["seqmodels_sentences_per_s"] > 0
+    assert beam["ctranslate2_status"] == (
+        "error: RuntimeError: Library libcublas.so.12 is not found or cannot be loaded"
+    )
