@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK = 128  # LM training context when neither the settings nor the model set one
 
 
-def lm_loss(model: nn.Module, batch: Batch, training: bool) -> tuple[torch.Tensor, int]:
+def lm_loss(model: nn.Module, batch: Batch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # Language models are judged by their likelihood, so they train on the true NLL (no
     # label smoothing). Every LM maps ids (B, T) to (logits, state).
     # Only padding targets are ignored (IGNORE_TARGET, not PAD_ID: with a pretrained
@@ -52,7 +52,7 @@ def lm_loss(model: nn.Module, batch: Batch, training: bool) -> tuple[torch.Tenso
     loss = F.cross_entropy(
         logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_TARGET, reduction="sum"
     )
-    return loss, int((y != IGNORE_TARGET).sum())
+    return loss, (y != IGNORE_TARGET).sum()  # a tensor: no host sync (see trainer.LossFn)
 
 
 def train_language_model(
@@ -116,7 +116,9 @@ def train_language_model(
 def seq2seq_loss(smoothing: float):
     """The loss of a seq2seq model: label-smoothed in training, plain NLL in validation."""
 
-    def loss_fn(model: nn.Module, batch: Batch, training: bool) -> tuple[torch.Tensor, int]:
+    def loss_fn(
+        model: nn.Module, batch: Batch, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         src, src_mask, tgt_in, tgt_out = batch
         logits = model(src, src_mask, tgt_in)
         loss = F.cross_entropy(
@@ -126,7 +128,7 @@ def seq2seq_loss(smoothing: float):
             label_smoothing=smoothing if training else 0.0,
             reduction="sum",
         )
-        return loss, int((tgt_out != IGNORE_TARGET).sum())
+        return loss, (tgt_out != IGNORE_TARGET).sum()
 
     return loss_fn
 
