@@ -259,8 +259,9 @@ def train_throughput_part(shape: str):
         # Two rounds in alternating order, each one's best kept (the bench's own method):
         # the first to run a shape pays CUDA's lazy kernel loading and cuBLAS's heuristics
         # for each new batch shape. On an H200 one round had seqmodels (run first) at
-        # 0.19-0.30x the plain loop on the seq2seq shape's varying shapes, its steps after
-        # 25 warm-up steps at 0.57x, and its host time per step within 10% of the plain one.
+        # 0.19-0.30x the plain loop on the seq2seq shape's varying shapes and at 0.57x after
+        # 25 warm-up steps (about 57 ms of host time a step under cProfile, against 47 ms for
+        # a whole plain step); with two rounds it was at 0.99x.
         rounds = 1 if suite.quick else 2
         args = argparse.Namespace(
             warmup=sizes["warmup"], steps=sizes["steps"], rounds=rounds, hf=hf, compile=False

@@ -266,9 +266,9 @@ HOST_READS = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist")
 
 @pytest.mark.parametrize("family", ["transformer_lm", "transformer_seq2seq"])
 def test_a_training_step_never_reads_a_tensor_back_to_the_host(family, tmp_path, monkeypatch):
-    # On a GPU each read of a tensor's value waits for the queued kernels: one such read per
-    # step (the loss's token count) held the seq2seq trainer to 0.3x the plain loop on an
-    # H200. Reads belong to the log interval (flush_interval), not to train_step.
+    # On a GPU each read of a tensor's value waits for the queued kernels. torch's sync
+    # debug mode found one such read per step on an H200 (the loss's token count). Reads
+    # belong to the log interval (flush_interval), not to train_step.
     reads: list[str] = []
     in_step = [False]
     for name in HOST_READS:

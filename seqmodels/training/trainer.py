@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 # tokens, so means can be taken over many batches (and ranks). `training` is False for
 # validation, which is always the plain NLL (no label smoothing). The count is a tensor on
 # the loss's device: reading it would make the host wait for the forward pass every step
-# (on an H200 that sync held the seq2seq trainer to 0.3x the plain loop), and training
-# takes its token count from the host-side batcher anyway; validation reads it once.
+# (torch's sync debug mode found that one sync per step on an H200), and training takes its
+# token count from the host-side batcher anyway; validation reads it once.
 LossFn = Callable[[nn.Module, Batch, bool], tuple[torch.Tensor, torch.Tensor]]
 MetricsCallback = Callable[[dict[str, float], int], None]
 ScoreFn = Callable[[nn.Module], float]  # model (eval mode, no grad) -> higher-is-better score
