@@ -279,8 +279,9 @@ def train_throughput_part(shape: str):
 
 def ctranslate2_figures(suite: SuiteRun, model_folder: Path, batches, beam: int) -> dict:
     """Seconds of CTranslate2 on the same batches (float16 on CUDA, int8 on the CPU) through
-    seqmodels' exporter; {"ctranslate2_status": "skipped: ..."} without it or ctranslate2.
-    Lengths are forced as for the others (min = max = L + 1 decoding steps)."""
+    seqmodels' exporter; {"ctranslate2_status": "skipped: ..."} without it or ctranslate2,
+    "error: ..." when its translator cannot load on this device. Lengths are forced as for
+    the others (min = max = L + 1 decoding steps)."""
     try:
         import ctranslate2
 
@@ -291,7 +292,10 @@ def ctranslate2_figures(suite: SuiteRun, model_folder: Path, batches, beam: int)
 
     quantization = "float16" if suite.device.type == "cuda" else "int8"
     exported = export_ctranslate2(model_folder, suite.work / "ct2", quantization)
-    translator = ctranslate2.Translator(str(exported), device=suite.device.type)
+    try:
+        translator = ctranslate2.Translator(str(exported), device=suite.device.type)
+    except (RuntimeError, OSError) as e:  # e.g. a wheel built for another CUDA (libcublas.so.12)
+        return {"ctranslate2_status": f"error: {type(e).__name__}: {e}"}
     pieces = spm.SentencePieceProcessor(model_file=str(model_folder / "spm.model"))
     started = time.perf_counter()
     for srcs, L in batches:
@@ -339,10 +343,7 @@ def beam_part(suite: SuiteRun, budget_s: float) -> dict:
     for impl, secs in seconds.items():
         out[f"{impl}_seconds"] = secs
     folder = model_folder(arch, vocab, spm_path, suite.work / "beam-model")
-    try:
-        ct2 = ctranslate2_figures(suite, folder, batches, beam)
-    except Exception as e:  # e.g. a ctranslate2 wheel built for another CUDA than the GPU's
-        ct2 = {"ctranslate2_status": f"error: {type(e).__name__}: {e}"}
+    ct2 = ctranslate2_figures(suite, folder, batches, beam)
     if "ctranslate2_seconds" in ct2:
         ct2["ctranslate2_vs_hf"] = seconds.get("hf", 0) / ct2["ctranslate2_seconds"] or None
         ct2["ctranslate2_vs_seqmodels"] = seconds["seqmodels"] / ct2["ctranslate2_seconds"]
