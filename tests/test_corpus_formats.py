@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 import zipfile
 
@@ -14,12 +15,31 @@ from seqmodels.config import CleanConfig, CorpusConfig, SourceFile
 from seqmodels.data.archive import UnsafeArchiveError, extract_member
 from seqmodels.data.clean import CorpusFormatError, InputFile, clean_corpus
 from seqmodels.data.clean_report import report_markdown
-from seqmodels.data.corpus_reader import prepare_inputs
+from seqmodels.data.corpus_reader import prepare_inputs, scan_text_pair
 
 
 def _lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def test_aligned_text_files_are_read_line_for_line_as_polars_reads_lines(tmp_path):
+    # Prepared text has no NUL and no CR, but any other byte: quotes, separators, comment
+    # marks, empty and very long lines, Unicode line separators, no final newline. (A CR
+    # before a newline goes, as scan_lines drops it too.)
+    rng = random.Random(11)
+    alphabet = ["a", " ", "\t", '"', "'", ",", ";", "#", "é", "\u2028", "\x0b", "\x85", "\\"]
+    lines = ["", '"open quote', "#not a comment", "x" * 200_000, "\r inside"]
+    lines += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    lines.append("the last line, with no newline after it")
+    src, tgt = tmp_path / "train.de", tmp_path / "train.en"
+    src.write_text("\n".join(lines), encoding="utf-8", newline="")  # no final newline
+    tgt.write_text("\n".join(line[::-1] for line in lines), encoding="utf-8", newline="")
+    files = [InputFile(p, f"file://{p}", "train", p.suffix[1:]) for p in (src, tgt)]
+    pairs = scan_text_pair(*files).collect()
+    assert pairs["src"].to_list() == pl.scan_lines(src).collect()["line"].to_list() == lines
+    assert pairs["tgt"].to_list() == pl.scan_lines(tgt).collect()["line"].to_list()
+    assert pairs["line"].to_list() == list(range(1, len(lines) + 1))
 
 
 def test_parallel_tsv_with_header_reads_named_columns(tmp_path):

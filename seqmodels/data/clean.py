@@ -32,7 +32,7 @@ from seqmodels.data.corpus_reader import (
     line_count,
     scan_corpus,
 )
-from seqmodels.data.entities import entity_table, numeric_references, unescape_html
+from seqmodels.data.entities import character_references, entity_table, unescape_html
 from seqmodels.data.settings import CleanConfig
 from seqmodels.files import atomic_path
 
@@ -120,7 +120,7 @@ def split_expr(file: InputFile, cfg: CleanConfig) -> pl.Expr:
 
 
 def normalisation_steps(
-    cfg: CleanConfig, numeric_entities: Iterable[str] = ()
+    cfg: CleanConfig, references: Iterable[str] = ()
 ) -> list[tuple[str, str | None, Callable[[pl.Expr], pl.Expr]]]:
     """(rule name, pattern of the segments it applies to, transform), in order of application.
 
@@ -131,12 +131,12 @@ def normalisation_steps(
     test before them would cost about as much as the rule.
 
     Every transform is a native Polars expression, so the streaming engine runs the rules on
-    all cores with no Python in the loop. `numeric_entities`: the numeric character
-    references the corpus holds (`entities.numeric_references`); named ones are a fixed table.
+    all cores with no Python in the loop. `references`: the character references the corpus
+    holds (`entities.character_references`), which the entity table is built from.
     """
     steps: list[tuple[str, str | None, Callable[[pl.Expr], pl.Expr]]] = []
     if cfg.unescape_html:
-        patterns, replacements = entity_table(numeric_entities)
+        patterns, replacements = entity_table(references)
         steps.append(("html_entities", _ENTITY, lambda s: unescape_html(s, patterns, replacements)))
     if cfg.unicode_normalization:
         form = cfg.unicode_normalization
@@ -215,9 +215,9 @@ def _normalise(
     A step with a pattern only rewrites the segments that match it (see
     `normalisation_steps`); the change flags compare each segment before and after.
     """
-    numeric = numeric_references(lf, columns, lists) if cfg.unescape_html else ()
+    references = character_references(lf, columns, lists) if cfg.unescape_html else ()
     everything = (*columns, *lists)
-    for name, pattern, transform in normalisation_steps(cfg, numeric):
+    for name, pattern, transform in normalisation_steps(cfg, references):
 
         def fixed(
             text: pl.Expr, pattern: str | None = pattern, transform: Callable = transform

@@ -154,10 +154,28 @@ def line_count(path: Path) -> int:
     return pl.scan_lines(path).select(pl.len()).collect().item()
 
 
-def _scan_lines(path: Path, name: str) -> pl.LazyFrame:
-    return pl.scan_lines(path, name=name, row_index_name="line", row_index_offset=1).with_columns(
-        pl.col("line").cast(pl.Int64)
+def _scan_lines(path: Path, name: str, numbered: bool = True) -> pl.LazyFrame:
+    """The lines of a prepared text file as column `name`, with their 1-based number as `line`.
+
+    Read as a one-column CSV split on NUL (which text preparation removes) with no quoting:
+    the same rows as `pl.scan_lines` (tested on empty lines, CR, quotes, a missing final
+    newline), in morsels of ~27k rows instead of ~6.5k (two files zipped: ~3.5k). Expressions
+    with a fixed cost per call (an Aho-Corasick automaton built, a regex compiled) pay it per
+    morsel: on 2M pairs the first cleaning pass took 4.2 s instead of 4.95 s (medians of 3
+    alternating runs). A NUL that got through anyway fails the scan with an error about an
+    extra column, never silently.
+    """
+    lines = pl.scan_csv(
+        path,
+        has_header=False,
+        separator="\0",
+        quote_char=None,
+        schema={name: pl.String},
+        empty_string_is_null=False,
+        row_index_name="line" if numbered else None,
+        row_index_offset=1,
     )
+    return lines.with_columns(pl.col("line").cast(pl.Int64)) if numbered else lines
 
 
 def _tsv_frame(file: InputFile, roles: dict[str, str]) -> pl.LazyFrame:
@@ -245,7 +263,8 @@ def scan_text_pair(src: InputFile, tgt: InputFile) -> pl.LazyFrame:
     # Zipped side by side, not joined on the line number: a join would hold one whole file in
     # a hash table; the line counts are equal, checked above.
     pair = pl.concat(
-        [_scan_lines(src.path, "src"), pl.scan_lines(tgt.path, name="tgt")], how="horizontal"
+        [_scan_lines(src.path, "src"), _scan_lines(tgt.path, "tgt", numbered=False)],
+        how="horizontal",
     )
     return pair.with_columns(_malformed=pl.lit(False), source_file=pl.lit(src.url))
 
