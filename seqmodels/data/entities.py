@@ -19,7 +19,8 @@ can match in the text. Those are found first, in one cheap streaming pass over t
 
 The table is kept to what the text holds because the streaming engine evaluates the expression
 once per morsel of a few thousand rows, and `replace_many` builds its automaton each time: 2.5
-ms for all 2,231 names, which on 2M scanned pairs cost 1.1 s of a 6 s first pass.
+ms for all 2,231 names. On 2M pairs the whole clean took 16.1 CPU-s instead of 18.1 (medians of
+3 alternating runs).
 """
 
 from __future__ import annotations
