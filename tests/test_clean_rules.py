@@ -72,6 +72,11 @@ def test_the_entity_table_holds_only_the_references_the_text_can_use():
     }  # fmt: skip
     assert patterns == sorted(patterns, key=len, reverse=True)  # the longest reference wins
     assert decode(["&notin;x", "&notinx", "no reference"]) == ["∉x", "¬inx", "no reference"]
+    nothing = pl.LazyFrame({"text": ["a & b", "&foo; &#", None]})
+    assert entity_table(character_references(nothing, ["text"])) == ([], [])
+    assert decode(["a & b", "&foo; &#", "&" + "a" * 100_000 + "mp;"]) == [
+        "a & b", "&foo; &#", "&" + "a" * 100_000 + "mp;",
+    ]  # fmt: skip
 
 
 def test_clean_corpus_applies_each_rule_and_counts_the_rows_it_changed(tmp_path):

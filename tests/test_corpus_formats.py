@@ -40,6 +40,10 @@ def test_aligned_text_files_are_read_line_for_line_as_polars_reads_lines(tmp_pat
     assert pairs["src"].to_list() == pl.scan_lines(src).collect()["line"].to_list() == lines
     assert pairs["tgt"].to_list() == pl.scan_lines(tgt).collect()["line"].to_list()
     assert pairs["line"].to_list() == list(range(1, len(lines) + 1))
+    # The one difference: a U+FEFF starting the file (a second BOM) goes, where scan_lines kept it.
+    src.write_text("\ufeffline one\nline two\n", encoding="utf-8")
+    tgt.write_text("\ufeffline one\nline two\n", encoding="utf-8")
+    assert scan_text_pair(*files).collect()["src"].to_list() == ["line one", "line two"]
 
 
 def test_parallel_tsv_with_header_reads_named_columns(tmp_path):

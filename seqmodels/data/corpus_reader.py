@@ -163,7 +163,10 @@ def _scan_lines(path: Path, name: str, numbered: bool = True) -> pl.LazyFrame:
     with a fixed cost per call (an Aho-Corasick automaton built, a regex compiled) pay it per
     morsel: on 2M pairs the whole clean took 15.4 CPU-s instead of 16.1 (medians of 3
     alternating runs). A NUL that got through anyway fails the scan with an error about an
-    extra column, never silently.
+    extra column, never silently. One difference: a U+FEFF that starts the file (a second
+    BOM; preparation removed the first) is dropped, where scan_lines kept it. The control-
+    character rule removes it from text anyway (it is Cf); a tsv header or jsonl first line
+    that starts with it now parses instead of failing.
     """
     lines = pl.scan_csv(
         path,

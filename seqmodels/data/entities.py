@@ -8,8 +8,8 @@ else stays as it is. Every reference starts with "&" and no reference contains a
 so a literal search for "&"-prefixed patterns that always takes the longest pattern starting
 at the leftmost position (`str.replace_many(..., leftmost=True)` with patterns sorted longest
 first) replaces exactly the same spans, provided the pattern list holds every reference that
-can match in the text. Those are found first, in one cheap streaming pass over the rows with
-"&" (`character_references`):
+can match in the text. Those are found first, in a streaming pass per column over the rows
+with "&" (`character_references`):
 - a named pattern ("&" + letters and digits + an optional ";") that matches at an "&" is a
   prefix of the longest `&[A-Za-z0-9]+;?` run there, so the table holds each HTML5 name
   (`html.entities.html5`, 2,231) that prefixes a run the text has;
@@ -33,6 +33,7 @@ import polars as pl
 
 # html.unescape's numeric alternatives, greedy like its regex, and the runs a name can prefix.
 REFERENCE = r"&#(?:[0-9]+|[xX][0-9a-fA-F]+);?|&[A-Za-z0-9]+;?"
+MAX_NAME = max(map(len, html5))
 
 
 def character_references(
@@ -64,7 +65,8 @@ def entity_table(references: Iterable[str] = ()) -> tuple[list[str], list[str]]:
         if ref.startswith("&#"):
             table[ref] = html.unescape(ref)
             continue
-        for end in range(2, len(ref) + 1):
+        # Names are at most 32 characters (";" included): a long run (a hex blob) costs no more.
+        for end in range(2, min(len(ref), 1 + MAX_NAME) + 1):
             if ref[1:end] in html5:
                 table[ref[:end]] = html5[ref[1:end]]
     patterns = sorted(table, key=len, reverse=True)
