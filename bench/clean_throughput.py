@@ -123,7 +123,9 @@ def run_polars(folder: Path, out: Path) -> dict:
     )  # fmt: skip
     inputs = prepare_inputs(raw, corpus, out)  # as the pipeline's clean stage prepares them
     t1 = time.perf_counter()
-    parquet, report = clean_corpus(inputs, out / "clean", CleanConfig(), "parallel", "de", "en")
+    parquet, report = clean_corpus(
+        inputs, out / "clean", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+    )
     t2 = time.perf_counter()
     return {
         "wall_s": t2 - t0,

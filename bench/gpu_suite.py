@@ -96,7 +96,12 @@ def clean_experiment(name: str, work: Path, train_rows: int | None, mirrors: lis
     raw = [download_file(f.url, f.sha256, work / "cache", mirrors) for f in corpus.files]
     inputs = prepare_inputs(raw, corpus, work)
     parquet, _ = clean_corpus(
-        inputs, work / name, experiment.clean, corpus.kind, corpus.src_lang, corpus.tgt_lang
+        inputs,
+        work / name,
+        experiment.clean,
+        corpus.kind,
+        src_lang=corpus.src_lang,
+        tgt_lang=corpus.tgt_lang,
     )
     if train_rows is not None:
         table = pq.read_table(parquet)

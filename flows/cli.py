@@ -269,6 +269,7 @@ CONFIG_OPTION = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Config nami
 
 @app.command()
 def export(
+    *,  # typer passes every option by name
     model: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION"),
     fmt: str = typer.Option("ctranslate2", "--format", help="Export format: ctranslate2."),
     quantization: str = typer.Option(
@@ -333,6 +334,7 @@ def _print_line_by_line(model: str, tracking_uri: str, input_file: Path | None, 
 
 @app.command()
 def generate(
+    *,  # typer passes every option by name
     model: str = typer.Option(LM_MODEL, "--model", "-m", help=MODEL_HELP),
     input_file: Path | None = INPUT_OPTION,
     max_new_tokens: int = typer.Option(60, help="Tokens to sample after each prompt."),

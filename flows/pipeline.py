@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -23,6 +24,7 @@ from flows.stages import (
     vocab_stage,
 )
 from seqmodels.config import PipelineConfig, load_config
+from seqmodels.data.sources import ResolvedCorpus
 from seqmodels.evaluation.promotion import CHAMPION
 from seqmodels.files import file_sha256
 from tasks.data import report_corpus_update, workspace_id
@@ -51,13 +53,14 @@ def experiment_flow(
     config, there is nothing to train: the run says so (log line and Prefect artifact) and
     returns no rows, before cleaning. `force` (or `refresh_cache`) trains anyway."""
     exp = config.experiments[experiment]
-    work_dir = str((config.work_dir / experiment).resolve())
-    workspace = workspace_id(config.work_dir.resolve())
     tracking_uri = config.resolved_tracking_uri()
-    cache_dir = str(config.work_dir.resolve() / "downloads")
-
     corpus = download_stage(
-        experiment, exp.corpus, config.resolved_mirrors(), cache_dir, workspace, refresh_cache
+        experiment,
+        exp.corpus,
+        mirrors=config.resolved_mirrors(),
+        cache_dir=str(config.work_dir.resolve() / "downloads"),
+        workspace=workspace_id(config.work_dir.resolve()),
+        refresh_cache=refresh_cache,
     )
     config_hash = config.fingerprint()
     previous = last_completed_run(tracking_uri, experiment)
@@ -65,21 +68,170 @@ def experiment_flow(
         if previous is not None and _same_inputs(previous, corpus.version.digest, config_hash):
             report_nothing_to_train(experiment, previous, corpus.version.digest)
             return []
-    data = clean_stage(experiment, corpus, exp.clean, work_dir, workspace, refresh_cache)
-    columns = exp.text_columns
-    spm_model = None  # every model brings its tokenizer: no SentencePiece model to train
-    if exp.needs_sentencepiece:
-        spm_model = vocab_stage(
-            experiment, data["parquet"], columns, exp.vocab, work_dir, workspace, refresh_cache
+    data, spm_model = clean_and_vocab(config, experiment, corpus, refresh_cache=refresh_cache)
+    previous_id = previous.info.run_id if previous is not None else None
+    run = open_pipeline_run(
+        config,
+        experiment,
+        data=data,
+        spm_model=spm_model,
+        corpus_version=corpus.version.digest,
+        previous_run_id=previous_id,
+    )
+    client = mlflow_client(tracking_uri)
+    try:
+        rows = train_and_evaluate(
+            config, experiment, run, data=data, spm_model=spm_model, refresh_cache=refresh_cache
         )
+    except BaseException:
+        client.set_terminated(run.parent_run_id, status="FAILED")
+        raise
+    client.set_terminated(run.parent_run_id, status="FINISHED")
+    publish_summary(
+        experiment,
+        rows,
+        primary_metric=exp.primary_metric,
+        tracking_uri=tracking_uri,
+        experiment_id=run.experiment_id,
+        parent_run_id=run.parent_run_id,
+    )
+    return rows
 
+
+@dataclass
+class PipelineRun:
+    """The MLflow parent run of one experiment's pipeline run, and the lineage it is tagged
+    with (every model version registered under it carries the same tags)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    lineage: dict[str, str]
+
+
+def train_and_evaluate(
+    config: PipelineConfig,
+    experiment: str,
+    run: PipelineRun,
+    *,
+    data: dict[str, str],
+    spm_model: str | None,
+    refresh_cache: bool,
+) -> list[dict]:
+    """Train every model of the experiment under `run`, then evaluate, register and promote
+    each; one summary row per model (plus the lead baseline of a summarisation experiment,
+    scored like a model and never registered)."""
+    exp = config.experiments[experiment]
+    trained = train_stage_runner(experiment)(
+        experiment,
+        exp,
+        parquet=data["parquet"],
+        spm_model=spm_model,
+        work_dir=str((config.work_dir / experiment).resolve()),
+        tracking_uri=run.tracking_uri,
+        experiment_id=run.experiment_id,
+        parent_run_id=run.parent_run_id,
+        workspace=workspace_id(config.work_dir.resolve()),
+        refresh_cache=refresh_cache,
+        corpus_version=data.get("corpus_version"),
+    )
+    rows = evaluate_register_stage(
+        experiment,
+        exp,
+        trained=trained,
+        parquet=data["parquet"],
+        tracking_uri=run.tracking_uri,
+        lineage=run.lineage,
+    )
+    if exp.evaluation.lead_words is not None:
+        baseline = evaluate_lead_baseline(
+            exp,
+            data["parquet"],
+            run.tracking_uri,
+            run.experiment_id,
+            run.parent_run_id,
+            corpus_version=run.lineage["corpus_version"],
+        )
+        rows.append({"experiment": experiment, **baseline})
+    return rows
+
+
+def clean_and_vocab(
+    config: PipelineConfig, experiment: str, corpus: ResolvedCorpus, *, refresh_cache: bool
+) -> tuple[dict[str, str], str | None]:
+    """The clean stage's outputs (Parquet, reports, corpus version) and the SentencePiece
+    model the vocab stage trained on them (None where every model brings its tokenizer)."""
+    exp = config.experiments[experiment]
+    work_dir = str((config.work_dir / experiment).resolve())
+    workspace = workspace_id(config.work_dir.resolve())
+    data = clean_stage(
+        experiment,
+        corpus,
+        clean=exp.clean,
+        work_dir=work_dir,
+        workspace=workspace,
+        refresh_cache=refresh_cache,
+    )
+    if not exp.needs_sentencepiece:
+        return data, None
+    spm_model = vocab_stage(
+        experiment,
+        data["parquet"],
+        columns=exp.text_columns,
+        vocab=exp.vocab,
+        work_dir=work_dir,
+        workspace=workspace,
+        refresh_cache=refresh_cache,
+    )
+    return data, spm_model
+
+
+def publish_summary(
+    experiment: str,
+    rows: list[dict],
+    *,
+    primary_metric: str,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+) -> None:
+    """Mark the champion among `rows` and publish them as the run's Prefect artifact.
+    "Champion" is decided after all models: a model promoted early may be beaten later."""
+    client = mlflow_client(tracking_uri)
+    champion = str(client.get_model_version_by_alias(experiment, CHAMPION).version)
+    for row in rows:
+        row["champion"] = row["version"] == champion
+    create_markdown_artifact(
+        key=f"{experiment}-summary".replace("_", "-"),
+        markdown=summary_markdown(
+            rows, primary_metric, parent_run_id, _run_link(tracking_uri, experiment_id)
+        ),
+        description=f"{experiment}: models and metrics",
+    )
+
+
+def open_pipeline_run(
+    config: PipelineConfig,
+    experiment: str,
+    *,
+    data: dict[str, str],
+    spm_model: str | None,
+    corpus_version: str,
+    previous_run_id: str | None,
+) -> PipelineRun:
+    """Start the experiment's MLflow parent run (tag stage=pipeline) with its lineage tags,
+    params, the data report, what the corpus version changed against `previous_run_id`
+    (the last completed run; None: everything is new), the vocab and the resolved config.
+    The caller ends the run (set_terminated) when the experiment finishes or fails."""
+    exp = config.experiments[experiment]
+    tracking_uri = config.resolved_tracking_uri()
     client = mlflow_client(tracking_uri)
     exp_id = experiment_id(client, experiment, tracking_uri)
     lineage = {
         "code_commit": code_commit(),
         "data_sha256": file_sha256(data["parquet"]),
-        "config_hash": config_hash,
-        "corpus_version": corpus.version.digest,
+        "config_hash": config.fingerprint(),
+        "corpus_version": corpus_version,
         "prefect_flow_run_id": str(flow_run.get_id()),
     }
     if spm_model is not None:
@@ -91,64 +243,16 @@ def experiment_flow(
     )
     parent_id = parent.info.run_id
     log_params(client, parent_id, flatten("", exp.model_dump(mode="json")))
-    client.log_artifact(parent_id, data["report_json"], "data")
-    client.log_artifact(parent_id, data["report_md"], "data")
-    client.log_artifact(parent_id, data["corpus_version"], "data")
-    # What the new corpus version brings against the last completed run's (the first run:
-    # everything is new).
-    previous_id = previous.info.run_id if previous is not None else None
-    report_corpus_update(tracking_uri, previous_id, parent_id, data, columns)
+    for name in ("report_json", "report_md", "corpus_version"):
+        client.log_artifact(parent_id, data[name], "data")
+    report_corpus_update(tracking_uri, previous_run_id, parent_id, data, exp.text_columns)
     if spm_model is not None:
         client.log_artifact(parent_id, spm_model, "vocab")
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.json"
         resolved.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         client.log_artifact(parent_id, str(resolved))
-
-    try:
-        trained = train_stage_runner(experiment)(
-            experiment,
-            exp,
-            data["parquet"],
-            spm_model,
-            work_dir,
-            tracking_uri,
-            exp_id,
-            parent_id,
-            workspace,
-            refresh_cache,
-            data.get("corpus_version"),
-        )
-        rows = evaluate_register_stage(
-            experiment, exp, trained, data["parquet"], tracking_uri, lineage
-        )
-        if exp.evaluation.lead_words is not None:  # scored like a model, never registered
-            baseline = evaluate_lead_baseline(
-                exp,
-                data["parquet"],
-                tracking_uri,
-                exp_id,
-                parent_id,
-                corpus_version=lineage["corpus_version"],
-            )
-            rows.append({"experiment": experiment, **baseline})
-    except BaseException:
-        client.set_terminated(parent_id, status="FAILED")
-        raise
-    client.set_terminated(parent_id, status="FINISHED")
-
-    # "Champion" is decided after all models: a model promoted early may be beaten later.
-    champion = str(client.get_model_version_by_alias(experiment, CHAMPION).version)
-    for row in rows:
-        row["champion"] = row["version"] == champion
-    create_markdown_artifact(
-        key=f"{experiment}-summary".replace("_", "-"),
-        markdown=summary_markdown(
-            rows, exp.primary_metric, parent_id, _run_link(tracking_uri, exp_id)
-        ),
-        description=f"{experiment}: models and metrics",
-    )
-    return rows
+    return PipelineRun(tracking_uri, exp_id, parent_id, lineage)
 
 
 def last_completed_run(tracking_uri: str, experiment: str):

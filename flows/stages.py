@@ -51,6 +51,7 @@ def parallel_trainings() -> int:
 def download_stage(
     experiment: str,
     corpus: CorpusConfig,
+    *,
     mirrors: list[str],
     cache_dir: str,
     workspace: str,
@@ -95,6 +96,7 @@ def download_stage(
 def clean_stage(
     experiment: str,
     corpus: ResolvedCorpus,
+    *,
     clean: CleanConfig,
     work_dir: str,
     workspace: str,
@@ -117,6 +119,7 @@ def clean_stage(
 def vocab_stage(
     experiment: str,
     parquet: str,
+    *,
     columns: list[str],
     vocab: VocabConfig,
     work_dir: str,
@@ -132,6 +135,7 @@ def vocab_stage(
 def train_stage(
     experiment: str,
     config: ExperimentConfig,
+    *,
     parquet: str,
     spm_model: str | None,
     work_dir: str,
@@ -147,45 +151,38 @@ def train_stage(
     run's corpus_version.json (what `train_from: champion` models compare with the
     champion's to find the new files)."""
     train = train_model_run.with_options(refresh_cache=refresh_cache)
-
-    # Warm starts are pinned to one registered version before anything is keyed or cached.
-    init_from = {
-        name: pin_init_from(spec.init_from, experiment, tracking_uri)
-        for name, spec in config.models.items()
-        if spec.init_from is not None
+    init_from, continued = starting_points(
+        experiment,
+        config,
+        parquet=parquet,
+        corpus_version=corpus_version,
+        work_dir=work_dir,
+        tracking_uri=tracking_uri,
+    )
+    shared = {
+        "task_kind": config.task,
+        "decoding": config.evaluation.model_dump(),
+        "work_dir": work_dir,
+        "tracking_uri": tracking_uri,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "workspace": workspace,
+        "from_scratch": refresh_cache,
     }
-    # train_from: champion: the champion's weights, vocabulary and the rows new since it (or
-    # None: no champion of this model yet, so from scratch as configured).
-    continued = {
-        name: champion_start(
-            experiment, name, spec, parquet, corpus_version, work_dir, tracking_uri
-        )
-        for name, spec in config.models.items()
-        if getattr(spec.training, "train_from", "scratch") == "champion"
-    }
 
-    def call(name: str) -> tuple[tuple, dict]:
+    def arguments(name: str) -> dict:
+        """train_model_run's arguments for model `name`."""
         spec, data, spm, start = config.models[name], parquet, spm_model, init_from.get(name)
         lineage = None
         if continued.get(name) is not None:
             begin = continued[name]
             spec, data, start = continued_spec(spec), begin["parquet"], begin["init_from"]
             spm, lineage = begin["spm_model"] or spm_model, begin["lineage"]
-        args = (
-            name,
-            without_distributed(spec),
-            config.task,
-            config.evaluation.model_dump(),
-            data,
-            spm,
-            work_dir,
-            tracking_uri,
-            experiment_id,
-            parent_run_id,
-            workspace,
-        )
-        return args, {
-            "from_scratch": refresh_cache,
+        return shared | {
+            "model_name": name,
+            "spec": without_distributed(spec),
+            "parquet": data,
+            "spm_model": spm,
             "init_from": start,
             "extra_lineage": lineage,
             "distributed": getattr(spec.training, "distributed", None),  # out of the cache key
@@ -193,17 +190,44 @@ def train_stage(
 
     if parallel_trainings() == 1:
         # In this thread, so the task timeout is enforced (Prefect cannot stop worker threads).
-        results = {}
-        for name in config.models:
-            args, kwargs = call(name)
-            results[name] = train(*args, **kwargs)
-        return results
-    futures = {}
-    for name in config.models:
-        args, kwargs = call(name)
-        futures[name] = train.submit(*args, **kwargs)
+        return {name: train(**arguments(name)) for name in config.models}
+    futures = {name: train.submit(**arguments(name)) for name in config.models}
     wait(list(futures.values()))
     return {name: future.result() for name, future in futures.items()}
+
+
+def starting_points(
+    experiment: str,
+    config: ExperimentConfig,
+    *,
+    parquet: str,
+    corpus_version: str | None,
+    work_dir: str,
+    tracking_uri: str,
+) -> tuple[dict[str, str], dict[str, dict | None]]:
+    """Where each model that does not start from scratch starts: `init_from` warm starts
+    pinned to one registered version (before anything is keyed or cached), and for
+    `train_from: champion` models the champion's weights, vocabulary and the rows new since
+    it (None: no champion of this model yet, so from scratch as configured)."""
+    init_from = {
+        name: pin_init_from(spec.init_from, experiment, tracking_uri)
+        for name, spec in config.models.items()
+        if spec.init_from is not None
+    }
+    continued = {
+        name: champion_start(
+            experiment,
+            name,
+            spec=spec,
+            parquet=parquet,
+            corpus_version=corpus_version,
+            work_dir=work_dir,
+            tracking_uri=tracking_uri,
+        )
+        for name, spec in config.models.items()
+        if getattr(spec.training, "train_from", "scratch") == "champion"
+    }
+    return init_from, continued
 
 
 def train_stage_runner(experiment: str):
@@ -217,6 +241,7 @@ def train_stage_runner(experiment: str):
 def evaluate_register_stage(
     experiment: str,
     config: ExperimentConfig,
+    *,
     trained: dict[str, dict],
     parquet: str,
     tracking_uri: str,
@@ -237,21 +262,21 @@ def evaluate_register_stage(
             registered = register_model_version(
                 experiment,
                 model_name,
-                result,
-                config.task,
-                tracking_uri,
-                {**lineage, **result.get("lineage", {}), "model_type": spec.type},
-                parquet,
+                trained=result,
+                task_kind=config.task,
+                tracking_uri=tracking_uri,
+                lineage={**lineage, **result.get("lineage", {}), "model_type": spec.type},
+                parquet=parquet,
             )
             promotion = promote_if_better(
                 experiment,
                 registered["version"],
-                model_name,
-                result["run_id"],
-                evaluated["outputs_path"],
-                config,
-                parquet,
-                tracking_uri,
+                model_name=model_name,
+                run_id=result["run_id"],
+                outputs_path=evaluated["outputs_path"],
+                experiment=config,
+                parquet=parquet,
+                tracking_uri=tracking_uri,
             )
         client.set_terminated(result["run_id"], status="FINISHED")
         logger.info(promotion["decision"])

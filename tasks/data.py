@@ -134,7 +134,7 @@ def clean_corpus_files(
     )
     inputs = prepare_inputs([Path(p) for p in raw_paths], corpus, Path(work_dir))
     parquet, report = clean_corpus(
-        inputs, out_dir, clean, corpus.kind, corpus.src_lang, corpus.tgt_lang
+        inputs, out_dir, clean, corpus.kind, src_lang=corpus.src_lang, tgt_lang=corpus.tgt_lang
     )
     outputs = {"parquet": str(parquet)}
     if corpus_version is not None:

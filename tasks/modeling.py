@@ -50,7 +50,7 @@ def training_dir(
     return Path(work_dir) / "models" / f"{model_name}-{key}"
 
 
-def _child_run(client, experiment_id: str, parent_run_id: str, model_name: str, spec, out_dir):
+def _child_run(client, experiment_id: str, *, parent_run_id: str, model_name: str, spec, out_dir):
     """An unfinished MLflow run for this training folder (a crashed attempt), or a new one."""
     found = client.search_runs(
         [experiment_id],
@@ -145,6 +145,7 @@ def _parent_corpus_version(client, run_id: str) -> CorpusVersion | None:
 def champion_start(
     registered_name: str,
     model_name: str,
+    *,
     spec: ModelSpec,
     parquet: str,
     corpus_version: str | None,
@@ -262,6 +263,7 @@ def _worth_retrying(task, task_run, state) -> bool:
 def train_model_run(
     model_name: str,
     spec: ModelSpec,
+    *,
     task_kind: str,
     decoding: dict,
     parquet: str,
@@ -288,16 +290,19 @@ def train_model_run(
         out_dir = out_dir.with_name(f"{out_dir.name}-{json_digest(init_from, length=8)}")
     if from_scratch and out_dir.exists():
         shutil.rmtree(out_dir)
-    run_id, resumed = _child_run(client, experiment_id, parent_run_id, model_name, spec, out_dir)
+    run_id, resumed = _child_run(
+        client,
+        experiment_id,
+        parent_run_id=parent_run_id,
+        model_name=model_name,
+        spec=spec,
+        out_dir=out_dir,
+    )
     if resumed:
         get_run_logger().warning("%s: resuming run %s in %s", model_name, run_id, out_dir)
     else:
         log_params(client, run_id, flatten("", {"model": spec.model_dump()}))
-    lineage = {**model_lineage(spec), **(extra_lineage or {})}
-    if init_from is not None:
-        lineage["init_from"] = init_from
-    if init_from is not None and init_from.startswith("models:/"):
-        lineage["parent_version"] = init_from.rsplit("/", 1)[1]
+    lineage = training_lineage(spec, init_from, extra_lineage)
     for key, value in lineage.items():
         client.set_tag(run_id, key, value)
     if distributed is not None:  # a tag, not a param: a resumed run may use other numbers
@@ -334,6 +339,20 @@ def train_model_run(
         else:
             client.set_tag(run_id, key, str(value))
     return {"run_id": run_id, "model_dir": str(out_dir), "summary": summary, "lineage": lineage}
+
+
+def training_lineage(
+    spec: ModelSpec, init_from: str | None, extra_lineage: dict[str, str] | None
+) -> dict[str, str]:
+    """The tags a training run and its registered version carry: the model's own lineage,
+    the caller's extra tags, and where the weights started (`init_from`; `parent_version`
+    when that is a registered version)."""
+    lineage = {**model_lineage(spec), **(extra_lineage or {})}
+    if init_from is not None:
+        lineage["init_from"] = init_from
+    if init_from is not None and init_from.startswith("models:/"):
+        lineage["parent_version"] = init_from.rsplit("/", 1)[1]
+    return lineage
 
 
 @task(

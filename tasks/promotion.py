@@ -112,6 +112,7 @@ def promotion_lock(tracking_uri: str, name: str) -> Iterator[None]:
 def _champion_outputs(
     client: MlflowClient,
     name: str,
+    *,
     version: str,
     test_digest: str,
     experiment: ExperimentConfig,
@@ -134,6 +135,7 @@ def _champion_outputs(
 def promote_if_better(
     registered_name: str,
     version: str,
+    *,
     model_name: str,
     run_id: str,
     outputs_path: str,
@@ -164,15 +166,19 @@ def promote_if_better(
         comparison = None
         if champion is not None:
             champion_outputs = _champion_outputs(
-                client, registered_name, champion, outputs["test_digest"], experiment, parquet
+                client,
+                registered_name,
+                version=champion,
+                test_digest=outputs["test_digest"],
+                experiment=experiment,
+                parquet=parquet,
             )
             comparison = compare_with_champion(outputs, champion_outputs, experiment)
         promoted, reason = decide(comparison, experiment.higher_is_better, alpha)
         tags = promotion_tags(comparison, promoted, reason, champion, alpha)
         # The data each side saw: a challenger trained on a newer corpus names both versions.
-        corpus_versions = {"challenger": _corpus_version(client, registered_name, version)}
-        if champion is not None:
-            corpus_versions["champion"] = _corpus_version(client, registered_name, champion)
+        sides = {"challenger": version} | ({"champion": champion} if champion else {})
+        corpus_versions = {s: _corpus_version(client, registered_name, v) for s, v in sides.items()}
         for side, digest in corpus_versions.items():
             if digest is not None:
                 tags[f"promotion.{side}_corpus_version"] = digest
@@ -181,15 +187,16 @@ def promote_if_better(
         for key, value in tags.items():
             client.set_model_version_tag(registered_name, version, key, value)
         report = decision_markdown(
-            registered_name, version, model_name, champion, comparison, promoted, reason
+            registered_name,
+            version,
+            model_name=model_name,
+            champion=champion,
+            c=comparison,
+            promoted=promoted,
+            reason=reason,
         )
-        report += (
-            "\nCorpus versions: "
-            + ", ".join(
-                f"{side} {digest or 'not recorded'}" for side, digest in corpus_versions.items()
-            )
-            + ".\n"
-        )
+        seen = ", ".join(f"{s} {digest or 'not recorded'}" for s, digest in corpus_versions.items())
+        report += f"\nCorpus versions: {seen}.\n"
         client.log_text(run_id, report, "promotion/decision.md")
         if promoted:
             client.set_registered_model_alias(registered_name, CHAMPION, version)

@@ -94,6 +94,7 @@ def _log_dataset_input(client: mlflow.MlflowClient, run_id: str, parquet: str, d
 def register_model_version(
     registered_name: str,
     model_name: str,
+    *,
     trained: dict,
     task_kind: str,
     tracking_uri: str,

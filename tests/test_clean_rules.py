@@ -95,7 +95,9 @@ def test_clean_corpus_applies_each_rule_and_counts_the_rows_it_changed(tmp_path)
         text = tmp_path / "text" / raw.name
         inputs.append(InputFile(text, f"file://{raw}", "train", lang, prepare_text_file(raw, text)))
     cfg = CleanConfig(min_chars=1, min_words=1, max_length_ratio=None, min_letter_fraction=0.0)
-    parquet, report = clean_corpus(inputs, tmp_path / "clean", cfg, "parallel", "de", "en")
+    parquet, report = clean_corpus(
+        inputs, tmp_path / "clean", cfg, "parallel", src_lang="de", tgt_lang="en"
+    )
     assert pl.read_parquet(parquet)["src"].to_list() == [
         "Fish & chips été",
         "café au lait",

@@ -52,7 +52,9 @@ def test_parallel_tsv_with_header_reads_named_columns(tmp_path):
         ["id\ten\tde", "1\tA dog runs.\tEin Hund läuft.", "2\tA cat sleeps.\tEine Katze schläft."],
     )
     file = InputFile(path, "u/pairs.tsv", "train", format="tsv", fields={"de": "de", "en": "en"})
-    parquet, report = clean_corpus([file], tmp_path / "out", CleanConfig(), "parallel", "de", "en")
+    parquet, report = clean_corpus(
+        [file], tmp_path / "out", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+    )
     table = pl.read_parquet(parquet)
     assert table["src"].to_list() == ["Ein Hund läuft.", "Eine Katze schläft."]
     assert table["tgt"].to_list() == ["A dog runs.", "A cat sleeps."]
@@ -70,13 +72,17 @@ def test_tsv_row_with_missing_field_is_an_error_naming_file_and_line(tmp_path):
         columns=["de", "en"],
     )
     with pytest.raises(CorpusFormatError, match=r"u/p.tsv line 2: 'nur eine Spalte'"):
-        clean_corpus([file], tmp_path / "out", CleanConfig(), "parallel", "de", "en")
+        clean_corpus(
+            [file], tmp_path / "out", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+        )
     assert not (tmp_path / "out" / "corpus.parquet").exists()
     assert list((tmp_path / "out").iterdir()) == []
 
     # With on_malformed: drop the row is counted and shown instead.
     cfg = CleanConfig(on_malformed="drop")
-    _, report = clean_corpus([file], tmp_path / "out", cfg, "parallel", "de", "en")
+    _, report = clean_corpus(
+        [file], tmp_path / "out", cfg, "parallel", src_lang="de", tgt_lang="en"
+    )
     assert report["dropped"]["malformed"] == {"train": 1}
     assert report["rows_out"]["train"] == 2
 
@@ -157,7 +163,9 @@ def test_each_filter_rule_is_counted_with_examples(tmp_path):
         InputFile(_lines(tmp_path / "s.en", tgt), "u/s.en", "train", "en"),
     ]
     cfg = CleanConfig(min_words=2, max_words=6, max_chars=50, max_length_ratio=3.0)
-    parquet, report = clean_corpus(files, tmp_path / "out", cfg, "parallel", "de", "en")
+    parquet, report = clean_corpus(
+        files, tmp_path / "out", cfg, "parallel", src_lang="de", tgt_lang="en"
+    )
     assert report["dropped"] == {
         "too_few_words": {"train": 2},  # "Kurz" (before the length ratio) and "Gleich"
         "too_many_words": {"train": 1},
@@ -180,7 +188,9 @@ def test_length_ratio_and_identical_sides(tmp_path):
             "en",
         ),
     ]
-    _, report = clean_corpus(files, tmp_path / "out", CleanConfig(), "parallel", "de", "en")
+    _, report = clean_corpus(
+        files, tmp_path / "out", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+    )
     assert report["dropped"] == {"length_ratio": {"train": 1}, "identical_src_tgt": {"train": 1}}
 
 

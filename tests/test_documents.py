@@ -110,7 +110,7 @@ def test_documents_archive_becomes_summaries_with_references(tmp_path, suffix):
     assert first["member"] == "AESLC-abc/enron_subject_line/train/a_1.subject"
 
     parquet, report = clean_corpus(
-        inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", "en", "en"
+        inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", src_lang="en", tgt_lang="en"
     )
     table = pl.read_parquet(parquet)
     assert table.schema == pl.Schema(corpus_schema("parallel", references=True))
@@ -166,10 +166,14 @@ def test_a_document_without_its_subject_is_malformed(tmp_path):
 
     # The error names the archive and the member, and says what is missing.
     with pytest.raises(CorpusFormatError, match=rf"{url} member {bad}: no @subject section"):
-        clean_corpus(inputs, tmp_path / "a", SUMMARY_CLEAN, "parallel", "en", "en")
+        clean_corpus(
+            inputs, tmp_path / "a", SUMMARY_CLEAN, "parallel", src_lang="en", tgt_lang="en"
+        )
 
     drop = SUMMARY_CLEAN.model_copy(update={"on_malformed": "drop"})
-    parquet, report = clean_corpus(inputs, tmp_path / "b", drop, "parallel", "en", "en")
+    parquet, report = clean_corpus(
+        inputs, tmp_path / "b", drop, "parallel", src_lang="en", tgt_lang="en"
+    )
     assert report["dropped"] == {"malformed": {"train": 1}}
     assert f"member {bad}: no @subject section" in report_markdown(report)
     assert report["rows_out"] == {"train": 1, "valid": 1, "test": 2}
@@ -198,7 +202,9 @@ def test_documents_without_split_folders_are_split_by_the_cleaner(tmp_path):
     (prepared,) = prepare_inputs([archive], corpus, tmp_path / "work")
     assert (prepared.split, prepared.stats.lines) == (None, 20)
     cfg = SUMMARY_CLEAN.model_copy(update={"valid_fraction": 0.1, "test_fraction": 0.1})
-    _, report = clean_corpus([prepared], tmp_path / "clean", cfg, "parallel", "en", "en")
+    _, report = clean_corpus(
+        [prepared], tmp_path / "clean", cfg, "parallel", src_lang="en", tgt_lang="en"
+    )
     assert report["rows_out"] == {"train": 16, "valid": 2, "test": 2}
     assert "refs" not in pl.read_parquet(tmp_path / "clean" / "corpus.parquet").columns
 
@@ -220,7 +226,9 @@ def test_real_aeslc_archive(tmp_path):
     started = time.perf_counter()
     inputs = prepare_inputs([raw], corpus, tmp_path / "work")
     prepared = time.perf_counter()
-    parquet, report = clean_corpus(inputs, tmp_path / "clean", clean, "parallel", "en", "en")
+    parquet, report = clean_corpus(
+        inputs, tmp_path / "clean", clean, "parallel", src_lang="en", tgt_lang="en"
+    )
     cleaned = time.perf_counter() - prepared
     print(f"\nAESLC: prepare {prepared - started:.2f} s, clean {cleaned:.2f} s")
     print(f"AESLC: rows out {report['rows_out']}, dropped {report['dropped']}")
@@ -284,7 +292,9 @@ def test_reader_rows_become_the_corpus(tmp_path, monkeypatch):
         ],
     )  # fmt: skip
     inputs = prepare_inputs([raw], reader_corpus(f"{module}:read"), tmp_path / "work")
-    parquet, _ = clean_corpus(inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", "en", "en")
+    parquet, _ = clean_corpus(
+        inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", src_lang="en", tgt_lang="en"
+    )
     assert read_split(parquet, "test", ["src", "tgt", "refs"]) == {
         "src": ["A new bridge opened."],
         "tgt": ["Bridge"],
@@ -300,7 +310,9 @@ def test_reader_without_references_keeps_the_plain_parallel_schema(tmp_path, mon
     module = reader_module(tmp_path, monkeypatch, READER)
     raw = reader_input(tmp_path, [{"split": "train", "article": "Sun.", "highlights": "Sun"}])
     inputs = prepare_inputs([raw], reader_corpus(f"{module}:read"), tmp_path / "work")
-    parquet, _ = clean_corpus(inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", "en", "en")
+    parquet, _ = clean_corpus(
+        inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", src_lang="en", tgt_lang="en"
+    )
     assert pl.read_parquet(parquet).schema == pl.Schema(corpus_schema("parallel"))
 
 
@@ -336,7 +348,9 @@ def test_a_reader_row_without_a_target_is_malformed(tmp_path, monkeypatch):
         [reader_input(tmp_path, [])], reader_corpus(f"{module}:read"), tmp_path / "work"
     )
     with pytest.raises(CorpusFormatError, match=r"https://h/news.jsonl member row 2: no tgt"):
-        clean_corpus(inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", "en", "en")
+        clean_corpus(
+            inputs, tmp_path / "clean", SUMMARY_CLEAN, "parallel", src_lang="en", tgt_lang="en"
+        )
 
 
 def test_a_reader_that_cannot_be_found_is_a_clear_error(tmp_path, monkeypatch):

@@ -60,7 +60,15 @@ def test_a_worse_challenger_is_not_promoted_however_small_p_is():
 
 def test_the_decision_report_shows_both_scores_their_intervals_and_p():
     promoted, reason = decide(BETTER, higher_is_better=True, alpha=0.05)
-    report = decision_markdown("mt-de-en", "7", "transformer", "5", BETTER, promoted, reason)
+    report = decision_markdown(
+        "mt-de-en",
+        "7",
+        model_name="transformer",
+        champion="5",
+        c=BETTER,
+        promoted=promoted,
+        reason=reason,
+    )
     assert report.startswith("# Promotion decision: mt-de-en version 7 (transformer)\n")
     assert "**promoted to champion**: better and significant (p=0.0120 < 0.05)" in report
     assert "| challenger | 7 | 30.5000 | 29.6000 – 31.4000 |" in report
@@ -69,7 +77,15 @@ def test_the_decision_report_shows_both_scores_their_intervals_and_p():
 
 
 def test_the_first_versions_report_has_no_table():
-    report = decision_markdown("mt-de-en", "1", "lstm", None, None, True, "no champion yet")
+    report = decision_markdown(
+        "mt-de-en",
+        "1",
+        model_name="lstm",
+        champion=None,
+        c=None,
+        promoted=True,
+        reason="no champion yet",
+    )
     assert "**promoted to champion**: no champion yet" in report
     assert "|" not in report
 

@@ -154,13 +154,17 @@ def test_language_model_export_continues_like_seqmodels_greedy(mirror, multi30k_
 
     exported = export_ctranslate2(folder, tmp_path / "ct2", "float32")
 
-    want = load_predictor(folder, device="cpu").generate(prompts, 30, temperature=0.0)
+    want = load_predictor(folder, device="cpu").generate(
+        prompts, max_new_tokens=30, temperature=0.0
+    )
     ct2 = load_predictor(exported, device="cpu")
-    got = ct2.generate(prompts, 30, temperature=0.0)
+    got = ct2.generate(prompts, max_new_tokens=30, temperature=0.0)
     assert got == want
     assert len(set(want)) > 1
     with pytest.raises(ValueError, match="more than this CTranslate2 model's 64"):
-        ct2.generate(prompts[:1], 64, temperature=0.0)  # learned positions cannot slide
+        ct2.generate(
+            prompts[:1], max_new_tokens=64, temperature=0.0
+        )  # learned positions cannot slide
 
 
 def test_a_family_without_a_ctranslate2_layout_is_refused(multi30k_spm, tmp_path):

@@ -339,8 +339,10 @@ def run_data_stages(corpus: CorpusConfig, clean: CleanConfig, work: Path):
     calls them."""
     from flows.stages import clean_stage, download_stage
 
-    resolved: ResolvedCorpus = download_stage("lm", corpus, [], str(work / "downloads"), "ws")
-    data = clean_stage("lm", resolved, clean, str(work / "lm"), "ws")
+    resolved: ResolvedCorpus = download_stage(
+        "lm", corpus, mirrors=[], cache_dir=str(work / "downloads"), workspace="ws"
+    )
+    data = clean_stage("lm", resolved, clean=clean, work_dir=str(work / "lm"), workspace="ws")
     return resolved, data
 
 

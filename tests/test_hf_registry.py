@@ -61,12 +61,27 @@ def _train_and_register(uri: str, name: str, spec, task_kind: str, parquet: Path
     exp_id = experiment_id(client, name, uri)
     parent = client.create_run(exp_id, run_name="pipeline").info.run_id
     trained = train_model_run(
-        "hf", spec, task_kind, {"beam_size": 2}, str(parquet), None, str(work), uri,
-        exp_id, parent, "test-workspace",
-    )  # fmt: skip
+        "hf",
+        spec,
+        task_kind=task_kind,
+        decoding={"beam_size": 2},
+        parquet=str(parquet),
+        spm_model=None,
+        work_dir=str(work),
+        tracking_uri=uri,
+        experiment_id=exp_id,
+        parent_run_id=parent,
+        workspace="test-workspace",
+    )
     with transaction():
         registered = register_model_version.fn(
-            name, "hf", trained, task_kind, uri, trained["lineage"], str(parquet)
+            name,
+            "hf",
+            trained=trained,
+            task_kind=task_kind,
+            tracking_uri=uri,
+            lineage=trained["lineage"],
+            parquet=str(parquet),
         )
     client.set_terminated(trained["run_id"])
     return trained, registered
@@ -177,9 +192,19 @@ def test_a_fine_tuning_continues_from_a_registered_version(registry, tmp_path):
     exp_id = experiment_id(client, "hf-mt", uri)
     run = client.create_run(exp_id, run_name="pipeline").info.run_id
     trained = train_model_run(
-        "hf", spec, "translation", {"beam_size": 2}, str(registry["mt"]), None,
-        str(tmp_path / "work"), uri, exp_id, run, "test-workspace", init_from="models:/hf-mt/1",
-    )  # fmt: skip
+        "hf",
+        spec,
+        task_kind="translation",
+        decoding={"beam_size": 2},
+        parquet=str(registry["mt"]),
+        spm_model=None,
+        work_dir=str(tmp_path / "work"),
+        tracking_uri=uri,
+        experiment_id=exp_id,
+        parent_run_id=run,
+        workspace="test-workspace",
+        init_from="models:/hf-mt/1",
+    )
     assert trained["lineage"]["parent_version"] == "1"
     assert trained["lineage"]["pretrained"] == str(registry["marian"])
     meta = json.loads((parent / "seqmodels.json").read_text())

@@ -104,7 +104,13 @@ def fine_tune(model_spec, corpus, out_dir: Path, **hooks) -> tuple[dict, list[fl
 
     decoding = {"beam_size": 2, "max_len_a": 1.0, "max_len_b": 4}
     summary = train_model(
-        model_spec, "translation", parquet, spm_model, out_dir, decoding, on_metrics=on_metrics
+        model_spec,
+        "translation",
+        parquet,
+        spm_model,
+        out_dir,
+        decoding=decoding,
+        on_metrics=on_metrics,
     )
     return summary, losses
 

@@ -149,7 +149,7 @@ def test_every_family_trains_writes_a_folder_and_loads_back(
         # A family that fine-tunes a checkpoint starts from a tiny one made here.
         arch = {"pretrained": str(request.getfixturevalue("tiny_pretrained")[model_type])}
     spec = small_spec(model_type, arch)
-    summary = train_model(spec, task, parquet, spm, tmp_path, {"beam_size": 2})
+    summary = train_model(spec, task, parquet, spm, tmp_path, decoding={"beam_size": 2})
     assert summary["vocab_size"] > 0 and summary["train_time_s"] > 0
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert meta["type"] == model_type and meta["format"] == 2
@@ -246,7 +246,7 @@ def test_a_warm_start_begins_from_the_parent_weights(tiny_corpora, tmp_path):
         parquet,
         spm,
         tmp_path / "child",
-        None,
+        decoding=None,
         init_from=tmp_path / "parent",
     )
     train_model(tiny_lr, "language_model", parquet, spm, tmp_path / "scratch")
@@ -271,7 +271,7 @@ def test_a_warm_start_needs_the_same_architecture_and_vocabulary(tiny_corpora, t
             parquet,
             spm,
             tmp_path / "c1",
-            None,
+            decoding=None,
             init_from=tmp_path / "parent",
         )
     other_parquet, other_spm = tiny_corpora["translation"]  # another SentencePiece model
@@ -282,7 +282,7 @@ def test_a_warm_start_needs_the_same_architecture_and_vocabulary(tiny_corpora, t
             parquet,
             other_spm,
             tmp_path / "c2",
-            None,
+            decoding=None,
             init_from=tmp_path / "parent",
         )
     assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()  # refused first

@@ -140,7 +140,7 @@ def test_sampling_past_block_size_and_seeded():
     gen = lambda seed: sample_continuation(  # noqa: E731
         model,
         [EOS_ID, 5, 6],
-        40,
+        max_new_tokens=40,
         top_k=10,
         top_p=0.9,
         generator=torch.Generator().manual_seed(seed),
@@ -150,11 +150,15 @@ def test_sampling_past_block_size_and_seeded():
     assert len(out) == 40 and not {PAD_ID, BOS_ID} & set(out)
     assert out == gen(1)
     # temperature 0 is greedy: the first token is the argmax after the prompt
-    greedy = sample_continuation(model, [EOS_ID, 5, 6], 3, temperature=0, stop_token=None)
+    greedy = sample_continuation(
+        model, [EOS_ID, 5, 6], max_new_tokens=3, temperature=0, stop_token=None
+    )
     logits, _ = model(torch.tensor([[EOS_ID, 5, 6]]))
     logits[0, -1, [PAD_ID, BOS_ID]] = float("-inf")
     assert greedy[0] == int(logits[0, -1].argmax())
-    rnn_out = sample_continuation(tiny_model(TINY_LMS["gru"]), [EOS_ID], 30, stop_token=None)
+    rnn_out = sample_continuation(
+        tiny_model(TINY_LMS["gru"]), [EOS_ID], max_new_tokens=30, stop_token=None
+    )
     assert len(rnn_out) == 30
 
 

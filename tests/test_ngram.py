@@ -40,7 +40,10 @@ def corpus() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def models(corpus) -> dict[int, KneserNeyLM]:
-    return {n: KneserNeyLM.fit(corpus, n, V, BOS_ID, EOS_ID, UNK_ID) for n in (1, 2, 3, 5)}
+    return {
+        n: KneserNeyLM.fit(corpus, n, V, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID)
+        for n in (1, 2, 3, 5)
+    }
 
 
 def contexts(corpus: list[np.ndarray]) -> list[list[int]]:
@@ -78,7 +81,9 @@ def test_next_token_distribution_sums_to_one(models, corpus, order):
 def test_bigram_matches_hand_computation():
     a, b, c = 4, 5, 6
     sents = [[a, b, c], [a, b, c], [a, c, c], [a], [a, b], [], [a, b, b]]
-    lm = KneserNeyLM.fit([np.array(s) for s in sents], 2, 7, BOS_ID, EOS_ID, UNK_ID)
+    lm = KneserNeyLM.fit(
+        [np.array(s) for s in sents], 2, 7, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID
+    )
 
     # Bigram counts (highest order: raw counts), with <s> and </s>:
     #   <s> a: 6   <s> </s>: 1   a b: 4   a c: 1   a </s>: 1
@@ -132,7 +137,7 @@ def test_bigram_matches_hand_computation():
 
 
 def test_discount_fallback_on_tiny_corpus():
-    lm = KneserNeyLM.fit([np.array([4, 5])], 3, 7, BOS_ID, EOS_ID, UNK_ID)
+    lm = KneserNeyLM.fit([np.array([4, 5])], 3, 7, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID)
     np.testing.assert_array_equal(lm.discounts, [FALLBACK_DISCOUNTS] * 3)
     assert lm.next_token_probs([BOS_ID, 4]).sum() == pytest.approx(1.0, abs=1e-12)
 
@@ -209,7 +214,7 @@ def test_vectorised_scores_match_reference_and_prob(models, corpus, order):
 def test_arrow_input_matches_list_input(models, corpus):
     column = pa.array([s.tolist() for s in corpus], pa.list_(pa.int32()))
     chunked = pa.chunked_array([column[:300], column[300:]])
-    lm = KneserNeyLM.fit(chunked, 3, V, BOS_ID, EOS_ID, UNK_ID)
+    lm = KneserNeyLM.fit(chunked, 3, V, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID)
     np.testing.assert_array_equal(lm.sentence_logprobs(column), models[3].sentence_logprobs(corpus))
 
 
@@ -232,7 +237,9 @@ def test_sampling_is_reproducible_and_stops_at_eos(models):
         assert len(s) <= 30 and EOS_ID not in s and BOS_ID not in s
     assert sum(len(s) < 30 for s in runs[0]) >= 15  # nearly all stopped at </s>
 
-    abc = KneserNeyLM.fit([np.array([4, 5, 6])] * 200, 3, 7, BOS_ID, EOS_ID, UNK_ID)
+    abc = KneserNeyLM.fit(
+        [np.array([4, 5, 6])] * 200, 3, 7, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID
+    )
     samples = abc.sample(20, prompt=[4], max_tokens=10, rng=0)
     assert sum(s.tolist() == [5, 6] for s in samples) >= 17
 
@@ -258,7 +265,9 @@ def test_arpa_round_trip(models, corpus, tmp_path):
         text = path.read_text()
         assert text.startswith(f"\\data\\\nngram 1={V}\n") and text.endswith("\n\\end\\\n")
         assert f"\n\\{order}-grams:\n" in text and "\n-99\t<s>" in text and "\t</s>" in text
-        arpa = KneserNeyLM.read_arpa(path, lambda t: int(t[1:]), V, BOS_ID, EOS_ID, UNK_ID)
+        arpa = KneserNeyLM.read_arpa(
+            path, lambda t: int(t[1:]), V, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID
+        )
         # numbers are printed at float32 precision (~7 significant digits)
         np.testing.assert_allclose(
             arpa.sentence_logprobs(held_out), lm.sentence_logprobs(held_out), rtol=0, atol=1e-5
@@ -276,7 +285,9 @@ def test_arpa_backoff_semantics_by_hand(tmp_path):
         "\\2-grams:\n-0.1\t<s> a\t-0.3\n-0.4\ta </s>\n\n"
         "\\3-grams:\n-0.05\t<s> a a\n\n\\end\\\n"
     )
-    lm = KneserNeyLM.read_arpa(path, {"a": 4}.__getitem__, 6, BOS_ID, EOS_ID, UNK_ID)
+    lm = KneserNeyLM.read_arpa(
+        path, {"a": 4}.__getitem__, 6, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID
+    )
     assert lm.order == 3
     assert lm.prob([BOS_ID], 4) == pytest.approx(10**-0.1)
     assert lm.prob([BOS_ID], EOS_ID) == pytest.approx(10**-0.5 * 10**-0.60206)

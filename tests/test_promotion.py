@@ -102,14 +102,21 @@ def _register_and_promote(uri: str, model_dir: str, nll: list[float], fail_after
             reg = register_model_version(
                 "lm-promo",
                 "kn",
-                {"run_id": run_id, "model_dir": model_dir},
-                "language_model",
-                uri,
-                {"config_hash": "abc", "data_sha256": "0" * 64},
-                parquet,
+                trained={"run_id": run_id, "model_dir": model_dir},
+                task_kind="language_model",
+                tracking_uri=uri,
+                lineage={"config_hash": "abc", "data_sha256": "0" * 64},
+                parquet=parquet,
             )
             decision = promote_if_better(
-                "lm-promo", reg["version"], "kn", run_id, str(outputs), LM_EXPERIMENT, parquet, uri
+                "lm-promo",
+                reg["version"],
+                model_name="kn",
+                run_id=run_id,
+                outputs_path=str(outputs),
+                experiment=LM_EXPERIMENT,
+                parquet=parquet,
+                tracking_uri=uri,
             )
             if fail_after:
                 quality_gate()

@@ -13,7 +13,10 @@ def test_language_model_continuations_run_across_line_ends(tiny_ngram_dir):
     lines = text.split("\n")
     assert lines[0] == "" and len(lines) >= 3
     assert all(line.startswith("ROMEO: the night") for line in lines[1:-1])
-    assert text == predictor.generate(["ROMEO: the night is dark and long"], 60, seed=3)[0]
+    assert (
+        text
+        == predictor.generate(["ROMEO: the night is dark and long"], max_new_tokens=60, seed=3)[0]
+    )
 
 
 def test_line_nll_adds_up_to_the_total_and_ranks_familiar_lines_higher(tiny_ngram_dir):

@@ -99,7 +99,9 @@ def test_parallel_rules_dedup_and_eval_overlap(tmp_path):
         InputFile(_write(tmp_path / "test.de", ["Test."]), "u/test.de", "test", "de"),
         InputFile(_write(tmp_path / "test.en", ["Test."]), "u/test.en", "test", "en"),
     ]
-    parquet, report = clean_corpus(files, tmp_path / "out", CleanConfig(), "parallel", "de", "en")
+    parquet, report = clean_corpus(
+        files, tmp_path / "out", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+    )
     table = pl.read_parquet(parquet)
     assert table.schema == pl.Schema(PARALLEL_SCHEMA)
     assert report["dropped"] == {
@@ -127,7 +129,9 @@ def test_misaligned_parallel_files_name_both_files_and_counts(tmp_path):
         InputFile(_write(tmp_path / "a.en", ["one"]), "u/a.en", "train", "en"),
     ]
     with pytest.raises(AlignmentError, match=r"u/a.de has 2 lines, u/a.en has 1"):
-        clean_corpus(files, tmp_path / "out", CleanConfig(), "parallel", "de", "en")
+        clean_corpus(
+            files, tmp_path / "out", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+        )
     assert not (tmp_path / "out" / "corpus.parquet").exists()
 
 

@@ -78,7 +78,9 @@ def _translation_experiment(folder: Path) -> tuple[ExperimentConfig, Path, Path]
             files.append(InputFile(path, f"u/{split}.{lang}", split, lang))
             sources.append(SourceFile(url=path.as_uri(), split=split, lang=lang))
     clean = CleanConfig(remove_eval_overlap=False)
-    parquet, _ = clean_corpus(files, folder / "clean", clean, "parallel", "de", "en")
+    parquet, _ = clean_corpus(
+        files, folder / "clean", clean, "parallel", src_lang="de", tgt_lang="en"
+    )
     spm = train_sentencepiece(parquet, ["src", "tgt"], folder / "vocab", VocabConfig(vocab_size=60))
     exp = ExperimentConfig(
         task="translation",
@@ -112,11 +114,11 @@ def _register(uri: str, registered: str, name: str, trained: dict, task_kind: st
         register_model_version.fn(
             registered,
             name,
-            trained,
-            task_kind,
-            uri,
-            {"model_name": name, "corpus_version": CORPUS_VERSION},
-            str(parquet),
+            trained=trained,
+            task_kind=task_kind,
+            tracking_uri=uri,
+            lineage={"model_name": name, "corpus_version": CORPUS_VERSION},
+            parquet=str(parquet),
         )
     mlflow_client(uri).set_terminated(trained["run_id"])
 
@@ -324,15 +326,15 @@ def test_a_training_continues_from_a_registered_version(registry, tmp_path):
     trained = train_model_run(
         "transformer",
         spec,
-        "translation",
-        {"beam_size": 2},
-        str(parquet),
-        str(parent / "spm.model"),  # a warm start keeps the parent's vocabulary
-        str(tmp_path / "work"),
-        registry,
-        exp_id,
-        parent_run,
-        "test-workspace",
+        task_kind="translation",
+        decoding={"beam_size": 2},
+        parquet=str(parquet),
+        spm_model=str(parent / "spm.model"),  # a warm start keeps the parent's vocabulary
+        work_dir=str(tmp_path / "work"),
+        tracking_uri=registry,
+        experiment_id=exp_id,
+        parent_run_id=parent_run,
+        workspace="test-workspace",
         init_from="models:/mt-test/1",
     )
     assert trained["lineage"] == {"init_from": "models:/mt-test/1", "parent_version": "1"}

@@ -379,6 +379,7 @@ def clean_corpus(
     out_dir: Path,
     cfg: CleanConfig,
     kind: str,
+    *,
     src_lang: str | None = None,
     tgt_lang: str | None = None,
 ) -> tuple[Path, dict]:
@@ -430,7 +431,15 @@ def _second_pass(
     _, counts, examples, fixed, lengths = pl.collect_all(
         queries, engine="streaming", optimizations=no_cache
     )
-    report = build_report(files, counts, examples, fixed, lengths, columns, cfg)
+    report = build_report(
+        files,
+        counts=counts,
+        examples=examples,
+        fixes=fixed,
+        lengths=lengths,
+        columns=columns,
+        cfg=cfg,
+    )
     malformed = report["dropped"].get("malformed")
     if malformed and cfg.on_malformed == "error":
         where = "; ".join(

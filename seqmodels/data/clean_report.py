@@ -31,6 +31,7 @@ HISTOGRAM_EDGES = {
 
 def build_report(
     files: list,
+    *,
     counts: pl.DataFrame,
     examples: pl.DataFrame,
     fixes: pl.DataFrame,

@@ -100,6 +100,7 @@ def decision_summary(version: str, model_name: str, promoted: bool, reason: str)
 def decision_markdown(
     name: str,
     version: str,
+    *,
     model_name: str,
     champion: str | None,
     c: Comparison | None,

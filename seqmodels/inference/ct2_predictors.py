@@ -155,6 +155,7 @@ class CT2LMPredictor(LanguageModelPredictor):
     def generate(
         self,
         prompts: list[str],
+        *,
         max_new_tokens: int = 60,
         temperature: float = 0.8,
         top_k: int | None = None,

@@ -88,6 +88,7 @@ def forbid_eos(
 def _next_log_probs(
     logits: torch.Tensor,
     force_eos: torch.Tensor | None,
+    *,
     step: int = 0,
     history: torch.Tensor | None = None,
     min_len: int = 0,
@@ -125,6 +126,7 @@ def greedy_decode(
     model: nn.Module,
     src: torch.Tensor,
     src_mask: torch.Tensor,
+    *,
     max_len_a: float = 1.2,
     max_len_b: float = 10,
     return_scores: bool = False,
@@ -146,7 +148,14 @@ def greedy_decode(
     out = torch.full((B, steps), PAD_ID, dtype=torch.long, device=src.device)
     for t in range(steps):
         logits, state = model.decode_step(tokens, state, memory)
-        logp = _next_log_probs(logits, t >= max_len, t, out[:, :t], min_len, no_repeat_ngram_size)
+        logp = _next_log_probs(
+            logits,
+            t >= max_len,
+            step=t,
+            history=out[:, :t],
+            min_len=min_len,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
         nxt = logp.argmax(-1)
         scores += torch.where(ended, 0.0, logp.gather(1, nxt[:, None])[:, 0])
         nxt = torch.where(ended, PAD_ID, nxt)
@@ -165,10 +174,11 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(  # long: one batched search loop; its state is easiest to follow in one place
+def beam_search(
     model: nn.Module,
     src: torch.Tensor,
     src_mask: torch.Tensor,
+    *,
     beam_size: int = 5,
     max_len_a: float = 1.2,
     max_len_b: float = 10,
@@ -188,19 +198,9 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
     return_scores, its length-penalised score. min_len and no_repeat_ngram_size (each
     hypothesis' own n-grams): see the module docstring (0: off).
     """
-    B, K = src.size(0), beam_size
-    device = src.device
+    B, K, device = src.size(0), beam_size, src.device
     max_len = _max_lengths(model, src_mask, max_len_a, max_len_b)
-    # The K beams of a sentence start identical: the encoder and the first decoder step run
-    # once per sentence, and their memory, state and logits are then copied to each beam.
-    memory = model.encode(src, src_mask)
-    state = model.init_state(memory)
-    logits, state = model.decode_step(
-        torch.full((B,), BOS_ID, dtype=torch.long, device=device), state, memory
-    )
-    per_beam = torch.arange(B, device=device).repeat_interleave(K)
-    memory, state = select_batch(memory, per_beam), model.reorder_state(state, per_beam)
-    logits = logits.index_select(0, per_beam)
+    memory, state, logits = _start_beams(model, src, src_mask, K)
     max_len_bk = max_len.repeat_interleave(K)
 
     # Rows are (active sentence, beam) pairs; sentences leave the batch once done.
@@ -213,32 +213,32 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
     n_steps = int(max_len.max()) + 1  # the last forces EOS in every row
     for t in range(n_steps):
         n = len(sent_ids)
-        logp = _next_log_probs(logits, t >= max_len_bk, t, seqs, min_len, no_repeat_ngram_size)
+        logp = _next_log_probs(
+            logits,
+            t >= max_len_bk,
+            step=t,
+            history=seqs,
+            min_len=min_len,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
         V = logp.size(1)
         cand = (scores.view(n * K, 1) + logp).view(n, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)
         beam, tok = top_idx // V, top_idx % V
         is_eos = tok == EOS_ID
-
-        done = []
-        fin = is_eos[:, :K] & torch.isfinite(top_scores[:, :K])
-        if bool(fin.any()):
-            for b, j in fin.nonzero().tolist():
-                hyp = seqs[b * K + int(beam[b, j])].tolist()
-                score = float(top_scores[b, j]) / gnmt_length_penalty(len(hyp) + 1, length_penalty)
-                finished[sent_ids[b]].append((score, hyp))
-                if len(finished[sent_ids[b]]) == K:
-                    done.append(b)
+        done = _take_finished(
+            finished,
+            sent_ids=sent_ids,
+            seqs=seqs.view(n, K, seqs.size(1)),
+            beam=beam,
+            top_scores=top_scores,
+            is_eos=is_eos,
+            length_penalty=length_penalty,
+        )
         if len(done) == n:
             break
 
-        # Keep the K best candidates that did not end (there are always >= K of them).
-        rank = torch.arange(2 * K, device=device).expand(n, 2 * K)
-        keep = (rank + is_eos.long() * 2 * K).topk(K, dim=1, largest=False).indices
-        scores = top_scores.gather(1, keep)
-        row_base = (torch.arange(n, device=device) * K)[:, None]
-        rows = row_base + beam.gather(1, keep)
-        tokens = tok.gather(1, keep)
+        scores, rows, tokens = _surviving_beams(top_scores, beam, tok, is_eos)
         if done:  # drop finished sentences: their rows need no more decoder work
             alive = torch.tensor(sorted(set(range(n)) - set(done)), device=device)
             scores, rows, tokens = scores[alive], rows[alive], tokens[alive]
@@ -254,6 +254,61 @@ def beam_search(  # long: one batched search loop; its state is easiest to follo
 
     best_ids, best_scores = _best_hypotheses(finished, sent_ids, seqs, scores, K)
     return (best_ids, best_scores) if return_scores else best_ids
+
+
+def _start_beams(
+    model: nn.Module, src: torch.Tensor, src_mask: torch.Tensor, beam_size: int
+) -> tuple[object, object, torch.Tensor]:
+    """Memory, decoder state and first-step logits for B x K rows (sentence-major). The K
+    beams of a sentence start identical, so the encoder and the first decoder step run once
+    per sentence (B rows) and are then copied to each beam (CTranslate2 does the same)."""
+    B = src.size(0)
+    memory = model.encode(src, src_mask)
+    state = model.init_state(memory)
+    bos = torch.full((B,), BOS_ID, dtype=torch.long, device=src.device)
+    logits, state = model.decode_step(bos, state, memory)
+    per_beam = torch.arange(B, device=src.device).repeat_interleave(beam_size)
+    memory, state = select_batch(memory, per_beam), model.reorder_state(state, per_beam)
+    return memory, state, logits.index_select(0, per_beam)
+
+
+def _take_finished(
+    finished: list[list[tuple[float, list[int]]]],
+    *,
+    sent_ids: list[int],
+    seqs: torch.Tensor,
+    beam: torch.Tensor,
+    top_scores: torch.Tensor,
+    is_eos: torch.Tensor,
+    length_penalty: float,
+) -> list[int]:
+    """Add to `finished` (per original sentence) every candidate that ends in EOS within the
+    top K of its active sentence, scored log P / lp(|Y|); return the active sentences that now
+    hold K finished hypotheses. seqs: (active sentences, K, tokens so far); beam, top_scores,
+    is_eos: (active sentences, 2K), the parent beam, score and EOS flag of each candidate."""
+    K = seqs.size(1)
+    done = []
+    fin = is_eos[:, :K] & torch.isfinite(top_scores[:, :K])
+    if bool(fin.any()):
+        for b, j in fin.nonzero().tolist():
+            hyp = seqs[b, int(beam[b, j])].tolist()
+            score = float(top_scores[b, j]) / gnmt_length_penalty(len(hyp) + 1, length_penalty)
+            finished[sent_ids[b]].append((score, hyp))
+            if len(finished[sent_ids[b]]) == K:
+                done.append(b)
+    return done
+
+
+def _surviving_beams(
+    top_scores: torch.Tensor, beam: torch.Tensor, tok: torch.Tensor, is_eos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K best candidates of each active sentence that did not end (of 2K there are always
+    >= K): their scores (n, K), parent rows in the flat (n x K) layout, and tokens."""
+    n, K = beam.size(0), beam.size(1) // 2
+    rank = torch.arange(2 * K, device=beam.device).expand(n, 2 * K)
+    keep = (rank + is_eos.long() * 2 * K).topk(K, dim=1, largest=False).indices
+    rows = (torch.arange(n, device=beam.device) * K)[:, None] + beam.gather(1, keep)
+    return top_scores.gather(1, keep), rows, tok.gather(1, keep)
 
 
 def _best_hypotheses(
@@ -294,7 +349,13 @@ def sequence_log_probs(
 
 
 def _sample(
-    logits: torch.Tensor, temperature: float, top_k, top_p, generator, banned=(PAD_ID, BOS_ID)
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    banned: tuple[int, ...],
 ) -> int:
     logits = logits.float().clone()
     for token in banned:  # ids that are not text (padding, start of sequence)
@@ -319,6 +380,7 @@ def _sample(
 def sample_continuation(
     model: nn.Module,
     prompt: list[int],
+    *,
     max_new_tokens: int = 100,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -341,7 +403,14 @@ def sample_continuation(
     new: list[int] = []
     logits, state = model(torch.tensor([tokens[-limit:] if limit else tokens], device=device))
     for _ in range(max_new_tokens):
-        nxt = _sample(logits[0, -1], temperature, top_k, top_p, generator, banned)
+        nxt = _sample(
+            logits[0, -1],
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            banned=banned,
+        )
         if nxt == stop_token:
             break
         new.append(nxt)

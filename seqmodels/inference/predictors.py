@@ -242,6 +242,7 @@ class NeuralLMPredictor(LanguageModelPredictor):
     def generate(
         self,
         prompts: list[str],
+        *,
         max_new_tokens: int = 60,
         temperature: float = 0.8,
         top_k: int | None = None,

@@ -137,6 +137,7 @@ def _previous(idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
 def _flatten(
     sentences: Sentences,
     vocab_size: int,
+    *,
     bos_id: int,
     eos_id: int,
     unk_id: int,
@@ -232,6 +233,7 @@ class KneserNeyLM:
         sentences: Sentences,
         order: int,
         vocab_size: int,
+        *,
         bos_id: int,
         eos_id: int,
         unk_id: int,
@@ -244,7 +246,7 @@ class KneserNeyLM:
         if len(special) != 3 or not all(0 <= i < vocab_size for i in special):
             raise ValueError("bos/eos/unk ids must be distinct and inside [0, vocab_size)")
         V = vocab_size
-        seq, pos = _flatten(sentences, V, bos_id, eos_id, unk_id)
+        seq, pos = _flatten(sentences, V, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id)
 
         # Pass 1: the distinct k-grams ending at each position, order by order. `idx` holds the
         # index (in its order's table) of the (k-1)-gram ending at each position, -1 if none.
@@ -373,8 +375,14 @@ class KneserNeyLM:
 
     def sentence_logprobs(self, sentences: Sentences) -> np.ndarray:
         """Natural-log probability of every predicted token (w1..wn and </s> of each sentence)."""
-        ids = (self.vocab_size, self.bos_id, self.eos_id, self.unk_id, self.id_map)
-        seq, pos = _flatten(sentences, *ids)
+        seq, pos = _flatten(
+            sentences,
+            self.vocab_size,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            unk_id=self.unk_id,
+            id_map=self.id_map,
+        )
         with np.errstate(divide="ignore"):
             return np.log(self._score(seq, pos)[pos > 0])
 
@@ -511,6 +519,7 @@ class KneserNeyLM:
         path: Path,
         token_to_id: Callable[[str], int],
         vocab_size: int,
+        *,
         bos_id: int,
         eos_id: int,
         unk_id: int,
@@ -597,6 +606,7 @@ class NgramPredictor(LanguageModelPredictor):
     def generate(
         self,
         prompts: list[str],
+        *,
         max_new_tokens: int = 60,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -633,7 +643,9 @@ class NgramFamily(ModelFamily):
         sp = load_sentencepiece(job.spm_model)
         sentences = encode_lines(sp, read_split(job.parquet, "train", ["text"])["text"])
         started = time.perf_counter()
-        model = KneserNeyLM.fit(sentences, arch.order, sp.vocab_size(), BOS_ID, EOS_ID, UNK_ID)
+        model = KneserNeyLM.fit(
+            sentences, arch.order, sp.vocab_size(), bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID
+        )
         Path(job.out_dir).mkdir(parents=True, exist_ok=True)
         model.save(Path(job.out_dir) / NGRAM_FILE)
         summary: dict[str, Any] = {

@@ -32,7 +32,14 @@ class LMBatches:
     """Random contiguous windows of block+1 tokens (nanoGPT): x = w[:-1], y = w[1:]."""
 
     def __init__(
-        self, ids: np.ndarray, block: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+        self,
+        ids: np.ndarray,
+        block: int,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
     ):
         if batch_size < world:
             raise ValueError(f"{batch_size} windows per batch cannot be split over {world} ranks")
@@ -241,6 +248,7 @@ class PairBatches:
         tgts,
         batch_tokens: int,
         seed: int,
+        *,
         rank: int = 0,
         world: int = 1,
         pad_id: int = PAD_ID,

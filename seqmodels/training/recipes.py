@@ -93,7 +93,7 @@ def train_language_model(
     predicted_share = 1.0 if masking is None else masking.probability
 
     def make_batches(rank: int, world: int):
-        windows = LMBatches(train_ids, block, batch_size, cfg.seed, rank, world)
+        windows = LMBatches(train_ids, block, batch_size, cfg.seed, rank=rank, world=world)
         return windows if masking is None else MaskedLMBatches(windows, masking)
 
     job = FitJob(
@@ -167,7 +167,7 @@ def train_seq2seq_model(
     job = FitJob(
         build_model=build_model,
         make_batches=lambda rank, world: PairBatches(
-            srcs, tgts, cfg.batch_tokens, cfg.seed, rank, world, framing.pad_id
+            srcs, tgts, cfg.batch_tokens, cfg.seed, rank=rank, world=world, pad_id=framing.pad_id
         ),
         valid_batches=(
             pair_valid_batches(v_srcs, v_tgts, cfg.batch_tokens, framing.pad_id) if v_srcs else []
