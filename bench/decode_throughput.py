@@ -123,6 +123,7 @@ def seqmodels_translator(
     vocab_size: int,
     spm_path: Path,
     device,
+    *,
     beam: int,
     batch_size: int,
 ) -> TranslationPredictor:
@@ -294,7 +295,7 @@ def timed_rounds(runners: dict, worker, batches, args, device) -> dict[str, list
     return per_round
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     parser.add_argument("--sentences", type=int, help="first N test sentences (default by sizes)")
@@ -313,13 +314,55 @@ def main() -> None:
         "--threads", type=int, help="CPU threads of each contender (default: torch's count)"
     )
     parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # internal: see ct2_worker
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def summarise_rounds(
+    per_round: dict[str, list[float]], *, sentences: int, tokens: int
+) -> tuple[dict, dict]:
+    """Each contender's median seconds, sentences/s and tokens/s with the spread over its
+    rounds (slowest-fastest), and the ratios the targets are stated in; printed as well."""
+    results = {}
+    for impl in ("seqmodels", "hf", "ct2_float32", "ct2_int8"):
+        rounds = sorted(per_round.get(impl, []))
+        secs = statistics.median(rounds) if rounds else None
+        results[f"{impl}_seconds"] = secs
+        results[f"{impl}_sentences_per_s"] = sentences / secs if secs else None
+        results[f"{impl}_tokens_per_s"] = tokens / secs if secs else None
+        # Spread: tokens/s of the slowest and the fastest round.
+        results[f"{impl}_tokens_per_s_spread"] = (
+            [tokens / rounds[-1], tokens / rounds[0]] if rounds else None
+        )
+
+    def speedup(a: str, b: str) -> float | None:
+        fast, slow = results[f"{a}_tokens_per_s"], results[f"{b}_tokens_per_s"]
+        return fast / slow if fast and slow else None
+
+    ratios = {
+        "seqmodels_vs_hf": speedup("seqmodels", "hf"),
+        "ct2_float32_vs_seqmodels": speedup("ct2_float32", "seqmodels"),
+        "ct2_int8_vs_seqmodels": speedup("ct2_int8", "seqmodels"),
+    }
+    for impl in ("seqmodels", "hf", "ct2_float32", "ct2_int8"):
+        if results[f"{impl}_tokens_per_s"]:
+            low, high = results[f"{impl}_tokens_per_s_spread"]
+            print(
+                f"  {impl:11s} {results[f'{impl}_sentences_per_s']:9.2f} sentences/s "
+                f"{results[f'{impl}_tokens_per_s']:10.1f} tokens/s (rounds {low:.1f}-{high:.1f})"
+            )
+    for name, ratio in ratios.items():
+        if ratio:
+            print(f"  {name} {ratio:.3f}")
+    return results, ratios
+
+
+def main() -> None:
+    args = parse_args()
     threads = args.threads or torch.get_num_threads()
     if args.ct2_worker:
         ct2_worker(args.ct2_worker, threads, args.beam)
         return
     torch.set_num_threads(threads)
-
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -347,7 +390,9 @@ def main() -> None:
         f"{n_tokens} output positions (mean {n_tokens / len(srcs):.1f} per sentence)"
     )
 
-    translator = seqmodels_translator(arch, vocab, spm_path, device, args.beam, batch_size)
+    translator = seqmodels_translator(
+        arch, vocab, spm_path, device, beam=args.beam, batch_size=batch_size
+    )
     n_params = sum(p.numel() for p in translator.model.parameters())
     runners = {"seqmodels": lambda srcs, L: run_seqmodels(translator, srcs, L)}
     if hf_version:
@@ -363,37 +408,7 @@ def main() -> None:
         )
     per_round = timed_rounds(runners, worker, batches, args, device)
     shutil.rmtree(translator.folder, ignore_errors=True)
-    results = {}
-    for impl in ("seqmodels", "hf", "ct2_float32", "ct2_int8"):
-        rounds = sorted(per_round.get(impl, []))
-        secs = statistics.median(rounds) if rounds else None
-        results[f"{impl}_seconds"] = secs
-        results[f"{impl}_sentences_per_s"] = len(srcs) / secs if secs else None
-        results[f"{impl}_tokens_per_s"] = n_tokens / secs if secs else None
-        # Spread: tokens/s of the slowest and the fastest round.
-        results[f"{impl}_tokens_per_s_spread"] = (
-            [n_tokens / rounds[-1], n_tokens / rounds[0]] if rounds else None
-        )
-
-    def speedup(a: str, b: str) -> float | None:
-        fast, slow = results[f"{a}_tokens_per_s"], results[f"{b}_tokens_per_s"]
-        return fast / slow if fast and slow else None
-
-    ratios = {
-        "seqmodels_vs_hf": speedup("seqmodels", "hf"),
-        "ct2_float32_vs_seqmodels": speedup("ct2_float32", "seqmodels"),
-        "ct2_int8_vs_seqmodels": speedup("ct2_int8", "seqmodels"),
-    }
-    for impl in ("seqmodels", "hf", "ct2_float32", "ct2_int8"):
-        if results[f"{impl}_tokens_per_s"]:
-            low, high = results[f"{impl}_tokens_per_s_spread"]
-            print(
-                f"  {impl:11s} {results[f'{impl}_sentences_per_s']:9.2f} sentences/s "
-                f"{results[f'{impl}_tokens_per_s']:10.1f} tokens/s (rounds {low:.1f}-{high:.1f})"
-            )
-    for name, ratio in ratios.items():
-        if ratio:
-            print(f"  {name} {ratio:.3f}")
+    results, ratios = summarise_rounds(per_round, sentences=len(srcs), tokens=n_tokens)
     reduced = sizes != "full" or n_sent < 1000
     figures = {
         "bench": "decode_throughput",

@@ -328,7 +328,9 @@ def beam_part(suite: SuiteRun, budget_s: float) -> dict:
     arch = tt.seq2seq_architecture(size)
     batches = dt.make_batches(srcs, [len(r) for r in refs], size["batch"], arch.max_positions - 1)
     n_tokens = sum(len(s) * (L + 1) for s, L in batches)
-    translator = dt.seqmodels_translator(arch, vocab, spm_path, suite.device, beam, size["batch"])
+    translator = dt.seqmodels_translator(
+        arch, vocab, spm_path, suite.device, beam=beam, batch_size=size["batch"]
+    )
     runners = {"seqmodels": lambda s, L: dt.run_seqmodels(translator, s, L)}
     out: dict = {"sentences": len(srcs), "beam": beam, "output_positions": n_tokens}
     if tt.hf_available():

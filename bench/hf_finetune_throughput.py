@@ -209,7 +209,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_seqmodels(name, size, batches, warmup: int, steps: int, device) -> tuple[float, dict]:
+def time_seqmodels(name, size, batches, *, warmup: int, steps: int, device) -> tuple[float, dict]:
     """Seconds of steps warmup+1 .. warmup+steps in seqmodels' fit(), and the optimizer it
     used (make_optimizer's choice)."""
     stamps: dict[int, float] = {}
@@ -255,7 +255,7 @@ def time_seqmodels(name, size, batches, warmup: int, steps: int, device) -> tupl
 
 
 def time_hf(
-    name, size, batches, warmup: int, steps: int, device, optim: str | None
+    name, size, batches, *, warmup: int, steps: int, device, optim: str | None
 ) -> tuple[float, dict]:
     """Seconds of steps warmup+1 .. warmup+steps in transformers.Trainer.train(), and the
     optimizer it used."""
@@ -324,10 +324,18 @@ def worker(args, device: torch.device) -> dict:
     size = SIZES[args.sizes][args.model]
     batches = make_batches(args.model, size, args.warmup + args.steps)
     if args.contender == "seqmodels":
-        seconds, optim = time_seqmodels(args.model, size, batches, args.warmup, args.steps, device)
+        seconds, optim = time_seqmodels(
+            args.model, size, batches, warmup=args.warmup, steps=args.steps, device=device
+        )
     else:
         seconds, optim = time_hf(
-            args.model, size, batches, args.warmup, args.steps, device, args.hf_optim
+            args.model,
+            size,
+            batches,
+            warmup=args.warmup,
+            steps=args.steps,
+            device=device,
+            optim=args.hf_optim,
         )
     tokens = sum(n for _, n in batches[args.warmup :])
     n_params = sum(p.numel() for p in build_hf_model(args.model, size).parameters())

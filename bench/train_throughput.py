@@ -45,7 +45,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,7 +242,7 @@ def time_seqmodels(train, warmup: int, steps: int, tokens: list[int], device) ->
 
 
 def time_loop(
-    model, forward, batches, warmup: int, device, smoothing: float, compile_model: bool
+    model, forward, batches, *, warmup: int, device, smoothing: float, compile_model: bool
 ) -> dict:
     """A bare training loop on `batches` [(tensors, n)]; summarise() of its timed steps.
     No per-step sync: on CUDA only the total time is exact (best_step is CPU-only)."""
@@ -351,128 +354,141 @@ def gpt2(c: TransformerLMArchitecture, vocab_size: int):
     return GPT2LMHeadModel(config)
 
 
-def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | None = None) -> dict:
-    """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model.
-    `spm_path`: a ready SentencePiece model for the seq2seq shape (else one is trained)."""
-    W, N = args.warmup, args.steps
-    model_type = MODEL_TYPES[name]
+def trainer_entry(
+    train_fn: Callable, base: Any, *, make_model, data: tuple, **model_kw
+) -> Callable:
+    """`train(settings, on_metrics, out_dir)` for time_seqmodels: the trainer's entry point
+    (train_seq2seq_model or train_language_model) on `data` (train, valid) with `base`, the
+    bench's training settings, updated with the timing's own `settings`."""
+
+    def train(settings: dict, on_metrics, out_dir: Path):
+        cfg = base.model_validate(base.model_dump() | settings)
+        return train_fn(make_model, *data, cfg, out_dir, on_metrics=on_metrics, **model_kw)
+
+    return train
+
+
+@dataclass
+class Workload:
+    """One model shape set up for every contender: the model as its registered family builds
+    it (and its identity as the trainer keys it), the trainer's own batches, and how each
+    loop runs it."""
+
+    identity: dict
+    make_plain: Callable[[], torch.nn.Module]
+    batches: list  # [(tensors, target tokens)], warmup + timed steps
+    train: Callable  # (settings, on_metrics, out_dir) -> the trainer's result
+    plain_forward: Callable
+    smoothing: float
+    make_hf: Callable[[], torch.nn.Module] | None
+    hf_forward: Callable | None
+    flops: Callable[[torch.nn.Module], float]  # training FLOPs per target token
+    shape: str
+
+
+def seq2seq_workload(size: dict, args, device, data, spm_path: Path | None) -> Workload:
+    """The Transformer seq2seq on Multi30k pairs; `spm_path`: a ready SentencePiece model
+    (else one is trained)."""
+    model_type = MODEL_TYPES["seq2seq"]
     family = FAMILIES[model_type]
-    if name == "seq2seq":
-        spm_path = spm_path or sentencepiece_model(
-            data, size["vocab"], WORKDIR, size.get("spm_lines")
-        )
-        srcs_raw, tgts_raw, vocab = encode(data, "train", spm_path)
-        arch = seq2seq_architecture(size)
-        pairs = [(np.array(s), np.array(t)) for s, t in zip(srcs_raw, tgts_raw, strict=True)]
-        cfg = {"batch_tokens": size["tokens"], "max_seq_len": arch.max_positions}
-        # The trainer's own data path, replayed with its seed: the very batches it will see.
-        srcs, tgts = prepare_pairs(pairs, arch.max_positions, truncate=False)
-        it = PairBatches(srcs, tgts, size["tokens"], seed=0)
-        batches = [next(it) for _ in range(W + N)]
-        src_len = float(np.mean([len(s) for s in srcs]))
-        tgt_len = float(np.mean([len(t) - 1 for t in tgts]))
-
-        def train(settings, on_metrics, out):
-            tc = Seq2SeqTrainSettings(**cfg, **settings, device=str(device), compile=args.compile)
-            return train_seq2seq_model(
-                make_plain,
-                pairs,
-                [],
-                tc,
-                out,
-                model_identity=identity,
-                max_positions=family.max_positions(arch),
-                on_metrics=on_metrics,
-            )
-
-        plain_fwd, smoothing = s2s_forward, LABEL_SMOOTHING
-        make_hf, hf_fwd = (lambda: marian(arch, vocab, use_cache=False)), hf_s2s_forward
-        flops = lambda m: m.flops_per_token(src_len, tgt_len)  # noqa: E731
-        shape = f"{size['tokens']} batch tokens (sentences x longest side)"
-    else:
-        block = size["block"]
-        vocab = size["vocab"]
-        if name == "lm":
-            arch = TransformerLMArchitecture(
-                block_size=block,
-                n_layer=size["layers"],
-                n_head=size["heads"],
-                d_model=size["d"],
-                d_ff=4 * size["d"],
-                dropout=0.1,
-            )
-            batch_size = size["batch"]
-            make_hf, hf_fwd = (lambda: gpt2(arch, vocab)), hf_lm_forward
-        else:
-            arch = RecurrentLMArchitecture(
-                emb_dim=size["hidden"],
-                hidden_size=size["hidden"],
-                n_layers=size["layers"],
-                dropout=0.2,
-            )
-            batch_size = size["tokens"] // block
-            make_hf, hf_fwd = None, None
-        plain_fwd, smoothing = lm_forward, 0.0
-        rng = np.random.default_rng(0)
-        stream = rng.integers(4, vocab, size=max(200_000, 4 * block * batch_size))
-        cfg = {"batch_tokens": block * batch_size, "block_size": block}
-        it = LMBatches(stream, block, batch_size, seed=0)  # the trainer's batches, as above
-        batches = [next(it) for _ in range(W + N)]
-
-        def train(settings, on_metrics, out):
-            tc = LMTrainSettings(**cfg, **settings, device=str(device), compile=args.compile)
-            return train_language_model(
-                make_plain,
-                stream,
-                np.zeros(0, np.int64),
-                tc,
-                out,
-                model_identity=identity,
-                max_context=family.max_context(arch),
-                on_metrics=on_metrics,
-            )
-
-        flops = lambda m: m.flops_per_token(block)  # noqa: E731
-        shape = f"{batch_size} x {block} tokens"
-
-    # The model as its registered family builds it, and its identity as the trainer keys it.
-    identity = {"type": model_type, "architecture": arch.model_dump(), "vocab_size": vocab}
+    spm_path = spm_path or sentencepiece_model(data, size["vocab"], WORKDIR, size.get("spm_lines"))
+    srcs_raw, tgts_raw, vocab = encode(data, "train", spm_path)
+    arch = seq2seq_architecture(size)
+    identity = {
+        "type": "transformer_seq2seq",
+        "architecture": arch.model_dump(),
+        "vocab_size": vocab,
+    }
+    pairs = [(np.array(s), np.array(t)) for s, t in zip(srcs_raw, tgts_raw, strict=True)]
+    cfg = {"batch_tokens": size["tokens"], "max_seq_len": arch.max_positions}
+    # The trainer's own data path, replayed with its seed: the very batches it will see.
+    srcs, tgts = prepare_pairs(pairs, arch.max_positions, truncate=False)
+    it = PairBatches(srcs, tgts, size["tokens"], seed=0)
+    src_len = float(np.mean([len(s) for s in srcs]))
+    tgt_len = float(np.mean([len(t) - 1 for t in tgts]))
 
     def make_plain():
         return family.build(arch, vocab)
 
-    tokens = [n for _, n in batches]
-    timed_tokens = sum(tokens[W:])
-    peak = peak_flops(device)
-    torch.manual_seed(0)
-    model = make_plain()
-    flops_per_token = flops(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    out = {
-        "config": identity,
-        "params_m": round(n_params / 1e6, 2),
-        "batch": shape,
-        "target_tokens_per_step": round(timed_tokens / N),
-        "train_flops_per_token": flops_per_token,
-    }
-    tps = out["target_tokens_per_step"]
-    print(f"[{name}] {n_params / 1e6:.1f}M parameters, {shape}, {tps} target tokens per step")
+    train = trainer_entry(
+        train_seq2seq_model,
+        Seq2SeqTrainSettings(**cfg, device=str(device), compile=args.compile),
+        make_model=make_plain,
+        data=(pairs, []),
+        model_identity=identity,
+        max_positions=family.max_positions(arch),
+    )
+    return Workload(
+        identity=identity,
+        make_plain=make_plain,
+        batches=[next(it) for _ in range(args.warmup + args.steps)],
+        train=train,
+        plain_forward=s2s_forward,
+        smoothing=LABEL_SMOOTHING,
+        make_hf=lambda: marian(arch, vocab, use_cache=False),
+        hf_forward=hf_s2s_forward,
+        flops=lambda m: m.flops_per_token(src_len, tgt_len),
+        shape=f"{size['tokens']} batch tokens (sentences x longest side)",
+    )
 
-    def run(impl: str) -> dict:
-        free_memory()
-        if impl == "seqmodels":
-            return time_seqmodels(train, W, N, tokens, device)
-        torch.manual_seed(0)
-        model = make_plain() if impl == "plain" else make_hf()
-        if impl == "hf":
-            out["hf_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-        forward = plain_fwd if impl == "plain" else hf_fwd
-        return time_loop(model, forward, batches, W, device, smoothing, args.compile)
 
-    impls = ["seqmodels", "plain"] + (["hf"] if make_hf is not None and args.hf else [])
+def lm_workload(name: str, size: dict, args, device) -> Workload:
+    """The Transformer LM (`lm`, against GPT-2) or the LSTM LM (`lstm`, no Hugging Face
+    counterpart) on a random token stream."""
+    block, vocab = size["block"], size["vocab"]
+    if name == "lm":
+        arch = TransformerLMArchitecture(
+            block_size=block,
+            n_layer=size["layers"],
+            n_head=size["heads"],
+            d_model=size["d"],
+            d_ff=4 * size["d"],
+            dropout=0.1,
+        )
+        batch_size = size["batch"]
+    else:
+        arch = RecurrentLMArchitecture(
+            emb_dim=size["hidden"], hidden_size=size["hidden"], n_layers=size["layers"], dropout=0.2
+        )
+        batch_size = size["tokens"] // block
+    model_type = MODEL_TYPES[name]
+    family = FAMILIES[model_type]
+    identity = {"type": model_type, "architecture": arch.model_dump(), "vocab_size": vocab}
+    rng = np.random.default_rng(0)
+    stream = rng.integers(4, vocab, size=max(200_000, 4 * block * batch_size))
+    cfg = {"batch_tokens": block * batch_size, "block_size": block}
+    it = LMBatches(stream, block, batch_size, seed=0)  # the trainer's batches, as above
+
+    def make_plain():
+        return family.build(arch, vocab)
+
+    train = trainer_entry(
+        train_language_model,
+        LMTrainSettings(**cfg, device=str(device), compile=args.compile),
+        make_model=make_plain,
+        data=(stream, np.zeros(0, np.int64)),
+        model_identity=identity,
+        max_context=family.max_context(arch),
+    )
+    return Workload(
+        identity=identity,
+        make_plain=make_plain,
+        batches=[next(it) for _ in range(args.warmup + args.steps)],
+        train=train,
+        plain_forward=lm_forward,
+        smoothing=0.0,
+        make_hf=(lambda: gpt2(arch, vocab)) if name == "lm" else None,
+        hf_forward=hf_lm_forward if name == "lm" else None,
+        flops=lambda m: m.flops_per_token(block),
+        shape=f"{batch_size} x {block} tokens",
+    )
+
+
+def alternate_rounds(run: Callable[[str], dict], impls: list[str], rounds: int) -> dict:
+    """Time each contender `rounds` times, alternating their order; keep each one's best
+    overall rate and best single step."""
     timings: dict[str, dict] = {}
-    for r in range(args.rounds):  # alternate the order; keep each one's best figures
+    for r in range(rounds):
         for impl in impls if r % 2 == 0 else impls[::-1]:
             t = run(impl)
             if impl in timings:
@@ -484,8 +500,12 @@ def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | N
                 if best["tokens_per_s"] > t["tokens_per_s"]:
                     t = {**best, "best_step_tokens_per_s": t["best_step_tokens_per_s"]}
             timings[impl] = t
-    free_memory()
+    return timings
 
+
+def add_ratios(out: dict, timings: dict, flops_per_token: float, peak: float) -> None:
+    """Each contender's rate and MFU into `out`, the trainer's own figures, and seqmodels'
+    ratios to the plain loop and to Hugging Face (overall and best step)."""
     for impl in ("seqmodels", "plain", "hf"):
         t = timings.get(impl, {})
         out[f"{impl}_tokens_per_s"] = t.get("tokens_per_s")
@@ -498,7 +518,9 @@ def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | N
             a, b = out[f"seqmodels_{key}"], out[f"{ref}_{key}"]
             out[f"seqmodels_vs_{ref}{suffix}"] = a / b if a and b else None
 
-    for impl in timings:
+
+def print_figures(out: dict, impls: list[str]) -> None:
+    for impl in impls:
         line = f"  {impl:9s} {out[f'{impl}_tokens_per_s']:10,.1f} tokens/s"
         line += f"   MFU {out[f'{impl}_mfu']:6.1%}"
         if out[f"{impl}_best_step_tokens_per_s"]:
@@ -510,6 +532,56 @@ def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | N
             if out[f"seqmodels_vs_{ref}_best_step"]:
                 line += f"   best step {out[f'seqmodels_vs_{ref}_best_step']:.3f}"
             print(line)
+
+
+def bench_model(name: str, size: dict, args, device, data, *, spm_path: Path | None = None) -> dict:
+    """Time seqmodels, the plain loop and (where there is one) Hugging Face on one model.
+    `spm_path`: a ready SentencePiece model for the seq2seq shape (else one is trained)."""
+    if name == "seq2seq":
+        work = seq2seq_workload(size, args, device, data, spm_path)
+    else:
+        work = lm_workload(name, size, args, device)
+    W, N = args.warmup, args.steps
+    tokens = [n for _, n in work.batches]
+    torch.manual_seed(0)
+    model = work.make_plain()
+    flops_per_token = work.flops(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    out = {
+        "config": work.identity,
+        "params_m": round(n_params / 1e6, 2),
+        "batch": work.shape,
+        "target_tokens_per_step": round(sum(tokens[W:]) / N),
+        "train_flops_per_token": flops_per_token,
+    }
+    tps = out["target_tokens_per_step"]
+    print(f"[{name}] {n_params / 1e6:.1f}M parameters, {work.shape}, {tps} target tokens per step")
+
+    def run(impl: str) -> dict:
+        free_memory()
+        if impl == "seqmodels":
+            return time_seqmodels(work.train, W, N, tokens, device)
+        torch.manual_seed(0)
+        model = work.make_plain() if impl == "plain" else work.make_hf()
+        if impl == "hf":
+            out["hf_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        forward = work.plain_forward if impl == "plain" else work.hf_forward
+        return time_loop(
+            model,
+            forward,
+            work.batches,
+            warmup=W,
+            device=device,
+            smoothing=work.smoothing,
+            compile_model=args.compile,
+        )
+
+    impls = ["seqmodels", "plain"] + (["hf"] if work.make_hf is not None and args.hf else [])
+    timings = alternate_rounds(run, impls, args.rounds)
+    free_memory()
+    add_ratios(out, timings, flops_per_token, peak_flops(device))
+    print_figures(out, list(timings))
     return out
 
 

@@ -163,7 +163,7 @@ def test_forbid_eos_until_min_len_unless_at_max_length():
 
 
 def reference_greedy(
-    model: nn.Module, src: torch.Tensor, mask: torch.Tensor, max_len: int, min_len=0, n=0
+    model: nn.Module, src: torch.Tensor, mask: torch.Tensor, max_len: int, *, min_len=0, n=0
 ) -> list[int]:
     """Greedy decoding of one sentence the slow way: a full forward pass per step and the
     constraints applied by brute force."""
@@ -195,7 +195,7 @@ def test_greedy_equals_a_brute_force_reference(name, min_len, n):
     )
     for i, hyp in enumerate(out):
         row = src[i : i + 1, : int(mask[i].sum())]
-        assert hyp == reference_greedy(model, row, row != PAD_ID, 9, min_len, n)
+        assert hyp == reference_greedy(model, row, row != PAD_ID, 9, min_len=min_len, n=n)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

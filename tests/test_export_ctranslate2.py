@@ -101,7 +101,7 @@ def translation_folder(mirror, multi30k_spm, tmp_path_factory) -> Path:
         log_every=400, device="cpu", valid_max_tokens=2000,
     )  # fmt: skip
     out = tmp_path_factory.mktemp("mt")
-    train_s2s(spec, sp.vocab_size(), pairs, pairs[:200], settings, out)
+    train_s2s(spec, sp.vocab_size(), pairs, valid_pairs=pairs[:200], cfg=settings, out_dir=out)
     return write_folder(out, spec, "translation", multi30k_spm)
 
 

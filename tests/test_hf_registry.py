@@ -55,7 +55,7 @@ def _corpus(folder: Path) -> tuple[Path, Path]:
     return lm, mt
 
 
-def _train_and_register(uri: str, name: str, spec, task_kind: str, parquet: Path, work: Path):
+def _train_and_register(uri: str, name: str, spec, *, task_kind: str, parquet: Path, work: Path):
     """As the pipeline does: the train task (with lineage), then the register task."""
     client = mlflow_client(uri)
     exp_id = experiment_id(client, name, uri)
@@ -108,7 +108,9 @@ def registry(tmp_path_factory, prefect_api) -> dict:
     marian_spec = parse_model_spec(
         {"type": "hf_seq2seq", "architecture": {"pretrained": str(marian)}, "training": training}
     )
-    _train_and_register(uri, "hf-lm", gpt2_spec, "language_model", lm, folder / "work")
+    _train_and_register(
+        uri, "hf-lm", gpt2_spec, task_kind="language_model", parquet=lm, work=folder / "work"
+    )
     bert_spec = parse_model_spec(
         {
             "type": "hf_masked_lm",
@@ -116,8 +118,12 @@ def registry(tmp_path_factory, prefect_api) -> dict:
             "training": training | {"block_size": 32},
         }
     )
-    _train_and_register(uri, "hf-mlm", bert_spec, "language_model", lm, folder / "work")
-    trained, _ = _train_and_register(uri, "hf-mt", marian_spec, "translation", mt, folder / "work")
+    _train_and_register(
+        uri, "hf-mlm", bert_spec, task_kind="language_model", parquet=lm, work=folder / "work"
+    )
+    trained, _ = _train_and_register(
+        uri, "hf-mt", marian_spec, task_kind="translation", parquet=mt, work=folder / "work"
+    )
     shutil.copyfile(Path(trained["model_dir"]) / "model.pt", folder / "registered.pt")
     return {"uri": uri, "marian_spec": marian_spec, "mt": mt, "folder": folder, "marian": marian}
 

@@ -311,9 +311,9 @@ def test_train_language_model_learns_and_checkpoint_reloads(name, tmp_path):
         spec,
         V,
         repeating_stream(400),
-        repeating_stream(50, seed=1),
-        cfg,
-        tmp_path,
+        valid_ids=repeating_stream(50, seed=1),
+        cfg=cfg,
+        out_dir=tmp_path,
         on_metrics=lambda m, step: seen.append((dict(m), step)),
     )
     train_losses = [m["train_loss"] for m, _ in seen if "train_loss" in m]
@@ -343,7 +343,9 @@ def test_training_without_validation_keeps_final_weights(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"stale weights from an older run")
     cfg = LMTrainSettings(max_steps=5, batch_tokens=64, block_size=8, log_every=5)
     no_valid = np.array([], dtype=np.int32)
-    result = train_lm(TINY_LMS["gru"], V, repeating_stream(50), no_valid, cfg, tmp_path)
+    result = train_lm(
+        TINY_LMS["gru"], V, repeating_stream(50), valid_ids=no_valid, cfg=cfg, out_dir=tmp_path
+    )
     assert result.steps == 5 and math.isinf(result.best_valid_loss)
     assert isinstance(load_trained(TINY_LMS["gru"], V, tmp_path), torch.nn.Module)
 
@@ -376,9 +378,9 @@ def test_train_translation_model_learns_copy_task(tmp_path):
         spec,
         16,
         copy_pairs(1000, 0),
-        copy_pairs(100, 1),
-        cfg,
-        tmp_path,
+        valid_pairs=copy_pairs(100, 1),
+        cfg=cfg,
+        out_dir=tmp_path,
         on_metrics=lambda m, step: seen.append(m),
     )
     assert result.best_valid_loss < 0.3
@@ -400,7 +402,9 @@ def test_transformer_seq2seq_overfits_few_pairs(tmp_path):
         log_every=50,
         label_smoothing=0.0,
     )
-    result = train_s2s(TINY_S2S["transformer"], V, pairs, pairs, cfg, tmp_path)
+    result = train_s2s(
+        TINY_S2S["transformer"], V, pairs, valid_pairs=pairs, cfg=cfg, out_dir=tmp_path
+    )
     assert result.best_valid_loss < 0.1
 
 

@@ -90,7 +90,13 @@ def lm_cfg(**kw) -> LMTrainSettings:
 
 def lm_job(out_dir: Path, on_metrics=None):
     return train_lm(
-        LM, V, lm_stream(150, 0), lm_stream(15, 1), lm_cfg(), out_dir, on_metrics=on_metrics
+        LM,
+        V,
+        lm_stream(150, 0),
+        valid_ids=lm_stream(15, 1),
+        cfg=lm_cfg(),
+        out_dir=out_dir,
+        on_metrics=on_metrics,
     )
 
 
@@ -99,7 +105,13 @@ def s2s_job(out_dir: Path, on_metrics=None):
         max_steps=24, batch_tokens=48, lr=1e-2, warmup_steps=4, eval_every=6, log_every=1
     )
     return train_s2s(
-        S2S, V, copy_pairs(120, 0), copy_pairs(12, 1), cfg, out_dir, on_metrics=on_metrics
+        S2S,
+        V,
+        copy_pairs(120, 0),
+        valid_pairs=copy_pairs(12, 1),
+        cfg=cfg,
+        out_dir=out_dir,
+        on_metrics=on_metrics,
     )
 
 
@@ -174,7 +186,7 @@ def test_checkpoints_hold_the_full_state_and_load_weights_only(tmp_path):
 
 def test_checkpoint_every_and_pruning(tmp_path):
     cfg = lm_cfg(max_steps=7, eval_every=100, checkpoint_every=3, keep_last=10)
-    train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
+    train_lm(LM, V, lm_stream(50, 0), valid_ids=lm_stream(5, 1), cfg=cfg, out_dir=tmp_path)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 6, 7]
 
     d = tmp_path / "synthetic"
@@ -189,18 +201,24 @@ def test_checkpoint_every_and_pruning(tmp_path):
 
 
 def test_changed_config_or_resume_false_starts_afresh(tmp_path):
-    train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=6), tmp_path)
-    again = train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=12), tmp_path)
+    def train(data_seed: int = 0, **settings):
+        return train_lm(
+            LM,
+            V,
+            lm_stream(50, data_seed),
+            valid_ids=lm_stream(5, 1),
+            cfg=lm_cfg(**settings),
+            out_dir=tmp_path,
+        )
+
+    train(max_steps=6)
+    again = train(max_steps=12)
     assert again.resumed_from_step == 0  # max_steps shapes the schedule: not resumable
-    longer = train_lm(  # only a resume-free field changed: continues
-        LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=12, log_every=3), tmp_path
-    )
+    longer = train(max_steps=12, log_every=3)  # only a resume-free field changed: continues
     assert longer.resumed_from_step == 12 and longer.steps == 12
-    other_data = train_lm(LM, V, lm_stream(50, 2), lm_stream(5, 1), lm_cfg(max_steps=12), tmp_path)
+    other_data = train(data_seed=2, max_steps=12)
     assert other_data.resumed_from_step == 0
-    fresh = train_lm(
-        LM, V, lm_stream(50, 2), lm_stream(5, 1), lm_cfg(max_steps=12, resume=False), tmp_path
-    )
+    fresh = train(data_seed=2, max_steps=12, resume=False)
     assert fresh.resumed_from_step == 0
 
 
@@ -241,9 +259,14 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         cfg = lm_cfg(max_steps=5, eval_every=5, checkpoint_every=0, **kw)
         seen = []
         train_lm(
-            LM_NO_DROPOUT, V, lm_stream(80, 0), lm_stream(5, 1), cfg, tmp_path / out,
+            LM_NO_DROPOUT,
+            V,
+            lm_stream(80, 0),
+            valid_ids=lm_stream(5, 1),
+            cfg=cfg,
+            out_dir=tmp_path / out,
             on_metrics=lambda m, s: "train_loss" in m and seen.append(m["train_loss"]),
-        )  # fmt: skip
+        )
         return torch.load(tmp_path / out / "model.pt", weights_only=True), seen
 
     big, big_losses = run("big", batch_tokens=128)
@@ -292,11 +315,20 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(family, tmp_path,
     monkeypatch.setattr(trainer.TrainingRun, "train_step", watched_step)
     if family == "transformer_lm":
         cfg = lm_cfg(max_steps=4, eval_every=2)
-        train_lm(LM, V, lm_stream(80, 0), lm_stream(5, 1), cfg, tmp_path / family)
+        train_lm(
+            LM, V, lm_stream(80, 0), valid_ids=lm_stream(5, 1), cfg=cfg, out_dir=tmp_path / family
+        )
     else:
         cfg = Seq2SeqTrainSettings(max_steps=4, batch_tokens=48, eval_every=2, log_every=1)
         pairs = copy_pairs(60, 0)
-        train_s2s(TRANSFORMER_S2S, V, pairs, copy_pairs(6, 1), cfg, tmp_path / family)
+        train_s2s(
+            TRANSFORMER_S2S,
+            V,
+            pairs,
+            valid_pairs=copy_pairs(6, 1),
+            cfg=cfg,
+            out_dir=tmp_path / family,
+        )
     assert reads == []
 
 
@@ -305,7 +337,7 @@ def test_early_stopping_on_valid_loss(tmp_path, monkeypatch):
     # refuse lr <= 0 now, so the schedule is held at 0 instead (AdamW then changes nothing).
     monkeypatch.setattr(trainer, "lr_at", lambda step, cfg: 0.0)
     cfg = lm_cfg(max_steps=100, eval_every=2, early_stop_patience=2)
-    result = train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
+    result = train_lm(LM, V, lm_stream(50, 0), valid_ids=lm_stream(5, 1), cfg=cfg, out_dir=tmp_path)
     assert result.stopped_early and result.steps == 6
 
 
@@ -321,7 +353,7 @@ def test_early_stopping_and_best_weights_by_score_fn(tmp_path):
     seen = []
     cfg = lm_cfg(max_steps=100, eval_every=2, early_stop_patience=2, keep_last=1, keep_best=1)
     result = train_lm(
-        LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path,
+        LM, V, lm_stream(50, 0), valid_ids=lm_stream(5, 1), cfg=cfg, out_dir=tmp_path,
         on_metrics=lambda m, s: seen.append(m), valid_score_fn=score,
     )  # fmt: skip
     assert result.steps == 8 and result.stopped_early and result.best_valid_score == 3.0
@@ -341,7 +373,7 @@ def test_average_state_dicts_is_the_mean():
 
 def test_average_last_n_writes_averaged_model(tmp_path):
     cfg = lm_cfg(max_steps=8, eval_every=4, average_last_n=2, keep_last=1, keep_best=0)
-    train_lm(LM, V, lm_stream(50, 0), lm_stream(5, 1), cfg, tmp_path)
+    train_lm(LM, V, lm_stream(50, 0), valid_ids=lm_stream(5, 1), cfg=cfg, out_dir=tmp_path)
     ckpts = list_checkpoints(tmp_path / "checkpoints")
     assert [s for s, _ in ckpts] == [4, 8]  # keep_last is raised to average_last_n
     m4, m8 = (load_checkpoint(p)["model"] for _, p in ckpts)
@@ -362,7 +394,9 @@ def test_compile_is_off_by_default_and_saves_plain_weights(tmp_path, monkeypatch
     monkeypatch.setattr(torch, "compile", eager_compile)
     cfg = lm_cfg(max_steps=2, eval_every=2, compile=True)
     started = time.perf_counter()
-    train_lm(LM_NO_DROPOUT, V, lm_stream(30, 0), lm_stream(5, 1), cfg, tmp_path)
+    train_lm(
+        LM_NO_DROPOUT, V, lm_stream(30, 0), valid_ids=lm_stream(5, 1), cfg=cfg, out_dir=tmp_path
+    )
     if time.perf_counter() - started > 60:
         pytest.skip("torch.compile too slow on this machine")
     assert len(calls) == 1
@@ -395,9 +429,14 @@ def test_flops_per_token_and_mfu_reporting(tmp_path, monkeypatch):
 
     seen = []
     result = train_lm(
-        LM, V, lm_stream(50, 0), lm_stream(5, 1), lm_cfg(max_steps=4), tmp_path,
+        LM,
+        V,
+        lm_stream(50, 0),
+        valid_ids=lm_stream(5, 1),
+        cfg=lm_cfg(max_steps=4),
+        out_dir=tmp_path,
         on_metrics=lambda m, s: seen.append(m),
-    )  # fmt: skip
+    )
     assert all(m["mfu"] > 0 for m in seen if "train_loss" in m)
     assert result.mfu == pytest.approx(result.tokens_per_s * expected / PEAK)
 

@@ -92,7 +92,7 @@ def _translation_experiment(folder: Path) -> tuple[ExperimentConfig, Path, Path]
     return exp, parquet, spm
 
 
-def _train_logged(client, exp_id: str, name: str, spec: ModelSpec, task_kind: str, data, out):
+def _train_logged(client, exp_id: str, name: str, *, spec: ModelSpec, task_kind: str, data, out):
     """Train in an MLflow run of its own, as the pipeline's train task does (per-step curves,
     then the summary: n_parameters, train_time_s, tokens_per_s)."""
     parquet, spm = data
@@ -109,7 +109,7 @@ def _train_logged(client, exp_id: str, name: str, spec: ModelSpec, task_kind: st
 CORPUS_VERSION = "0123456789abcdef"  # the lineage tag of the data a version was trained on
 
 
-def _register(uri: str, registered: str, name: str, trained: dict, task_kind: str, parquet):
+def _register(uri: str, registered: str, name: str, *, trained: dict, task_kind: str, parquet):
     with transaction():  # the registry task records what to undo in the Prefect transaction
         register_model_version.fn(
             registered,
@@ -135,7 +135,13 @@ def registry(tmp_path_factory, prefect_api) -> str:
     exp_id = experiment_id(client, "mt-test", uri)
     for name, spec in exp.models.items():
         trained = _train_logged(
-            client, exp_id, name, spec, "translation", (parquet, spm), folder / name
+            client,
+            exp_id,
+            name,
+            spec=spec,
+            task_kind="translation",
+            data=(parquet, spm),
+            out=folder / name,
         )
         if name == "transformer":
             result = evaluate_model(folder / name, parquet, exp)
@@ -144,7 +150,7 @@ def registry(tmp_path_factory, prefect_api) -> str:
         else:  # as a run from before intervals were logged
             client.log_metric(trained["run_id"], "test_bleu", 1.5)
             client.log_metric(trained["run_id"], "test_chrf", 12.0)
-        _register(uri, "mt-test", name, trained, "translation", parquet)
+        _register(uri, "mt-test", name, trained=trained, task_kind="translation", parquet=parquet)
     client.set_registered_model_alias("mt-test", CHAMPION, "1")
     client.set_registered_model_alias("mt-test", CHALLENGER, "2")
 
@@ -162,9 +168,17 @@ def registry(tmp_path_factory, prefect_api) -> str:
     ngram = parse_model_spec({"type": "ngram", "architecture": {"order": 3}})
     lm_exp = experiment_id(client, "lm-test", uri)
     trained = _train_logged(
-        client, lm_exp, "kn3", ngram, "language_model", (lm_parquet, lm_spm), folder / "kn3"
+        client,
+        lm_exp,
+        "kn3",
+        spec=ngram,
+        task_kind="language_model",
+        data=(lm_parquet, lm_spm),
+        out=folder / "kn3",
     )
-    _register(uri, "lm-test", "kn3", trained, "language_model", lm_parquet)
+    _register(
+        uri, "lm-test", "kn3", trained=trained, task_kind="language_model", parquet=lm_parquet
+    )
     client.set_registered_model_alias("lm-test", CHAMPION, "1")
     return uri
 
