@@ -21,7 +21,7 @@ from seqmodels.inference.decoding import (
     sequence_log_probs,
 )
 from seqmodels.inference.predictors import NeuralLMPredictor, TranslationPredictor
-from seqmodels.models import FAMILIES
+from seqmodels.models import FAMILIES, layers
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
 from seqmodels.models.recurrent_lm import RecurrentLMArchitecture
 from seqmodels.models.transformer_lm import TransformerLMArchitecture
@@ -248,6 +248,38 @@ def test_beam_search_scores_at_least_greedy(name):
 
 
 # --- training ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(layers.ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+def test_cpu_inference_linears_run_on_onednn_with_the_same_results():
+    torch.manual_seed(0)
+    lin = layers.Linear(32, 48)
+    ref = torch.nn.Linear(32, 48)
+    ref.load_state_dict(lin.state_dict())  # the same parameters: old checkpoints load as-is
+    assert lin.state_dict().keys() == ref.state_dict().keys()
+    inputs = [torch.randn(5, 32), torch.randn(3, 4, 32), torch.randn(4, 3, 32).transpose(0, 1)]
+    inputs.append(torch.randn(3, 64)[:, ::2])  # strided
+    with torch.no_grad():
+        for x in inputs:
+            torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
+            w = lin.weight
+            torch.testing.assert_close(layers.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    calls = []
+    onednn = layers.ONEDNN_LINEAR
+    spy = lambda *args: calls.append(args) or onednn(*args)  # noqa: E731
+    try:
+        layers.ONEDNN_LINEAR = spy
+        with torch.no_grad():
+            lin(inputs[0])
+        assert len(calls) == 1  # inference: oneDNN
+        x = torch.randn(5, 32, requires_grad=True)
+        lin(x).sum().backward()  # training: F.linear, with its gradients
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            assert lin(inputs[0]).dtype == torch.bfloat16  # autocast: F.linear in bf16
+        assert len(calls) == 1
+    finally:
+        layers.ONEDNN_LINEAR = onednn
+    torch.testing.assert_close(x.grad, ref.weight.sum(0).expand(5, 32))
 
 
 def test_lr_schedules():

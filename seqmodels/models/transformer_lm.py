@@ -7,7 +7,7 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from seqmodels.models.family import NeuralLMFamily
-from seqmodels.models.layers import DecoderBlock, KVCache, init_transformer_weights
+from seqmodels.models.layers import DecoderBlock, KVCache, Linear, init_transformer_weights
 from seqmodels.settings import Settings
 from seqmodels.training.flops import matmul_params
 
@@ -39,7 +39,7 @@ class TransformerLanguageModel(nn.Module):
             for _ in range(arch.n_layer)
         )
         self.ln_f = nn.LayerNorm(arch.d_model)
-        self.head = nn.Linear(arch.d_model, vocab_size, bias=False)
+        self.head = Linear(arch.d_model, vocab_size, bias=False)
         init_transformer_weights(self, arch.n_layer)
         self.head.weight = self.tok_emb.weight  # tied input/output embeddings
 

@@ -10,7 +10,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from seqmodels import PAD_ID
@@ -19,6 +18,7 @@ from seqmodels.models.layers import (
     FeedForward,
     MultiHeadAttention,
     init_transformer_weights,
+    linear,
     self_attention,
     sinusoidal_table,
 )
@@ -145,7 +145,7 @@ class TransformerSeq2Seq(nn.Module):
             x, (k, v) = layer(x, past, cross_kv, cross_mask, state["rows"] if state else None)
             new_k.append(k)
             new_v.append(v)
-        logits = F.linear(self.dec_ln(x), self.tgt_emb.weight)
+        logits = linear(self.dec_ln(x), self.tgt_emb.weight)
         return logits, {"self_k": new_k, "self_v": new_v, "rows": None}
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor):
@@ -177,7 +177,7 @@ class TransformerSeq2Seq(nn.Module):
         """6N (encoder scaled by the length ratio; the tied output matrix counted) plus
         encoder self-attention and decoder self- and cross-attention."""
         enc, other = matmul_params(self, ENCODER_PREFIXES)
-        other += self.tgt_emb.weight.numel()  # logits are F.linear(x, tgt_emb.weight)
+        other += self.tgt_emb.weight.numel()  # logits are linear(x, tgt_emb.weight)
         flops = seq2seq_flops_per_token(enc, other, src_len, tgt_len)
         c, ratio = self.arch, src_len / max(tgt_len, 1e-9)
         flops += 12.0 * c.d_model * c.n_enc_layers * src_len * ratio  # encoder self-attention
