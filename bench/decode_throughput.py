@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -202,10 +203,12 @@ def ct2_version() -> str | None:
     return ctranslate2.__version__
 
 
-def run_ct2(translator, tokens: list[list[str]], L: int, beam: int) -> None:
-    """CTranslate2 forced to the same L + 1 decoder steps: no EOS before L + 1 tokens."""
+def run_ct2(translator, tokens: list[list[str]], L: int, beam: int, replicas: int = 1) -> None:
+    """CTranslate2 forced to the same L + 1 decoder steps: no EOS before L + 1 tokens. With
+    several replicas the batch is split into as many sub-batches, decoded in parallel."""
     results = translator.translate_batch(
         tokens,
+        max_batch_size=math.ceil(len(tokens) / replicas) if replicas > 1 else 0,
         beam_size=beam,
         length_penalty=1.0,
         min_decoding_length=L + 1,
@@ -215,10 +218,13 @@ def run_ct2(translator, tokens: list[list[str]], L: int, beam: int) -> None:
     assert all(len(r.hypotheses[0]) == L + 1 for r in results), "CT2 lengths not forced"
 
 
-def ct2_worker(exports: str, threads: int, beam: int) -> None:
+def ct2_worker(exports: str, *, threads: int, beam: int, replicas: int) -> None:
     """The CTranslate2 contenders in a process of their own (CTranslate2's and torch's
     OpenMP threads spin-wait, slowing each other when in one process). Reads the batches
-    (one JSON line), then times every batch of each export for each "round" line."""
+    (one JSON line), then times every batch of each export for each "round" line.
+    `replicas`: CTranslate2's inter_threads, each replica with threads // replicas threads
+    (its throughput layout: a batch's sub-batches decode in parallel); 1: one translator
+    with all the threads, as seqmodels' CTranslate2 predictor runs it."""
     import ctranslate2
     import sentencepiece as spm
 
@@ -226,7 +232,10 @@ def ct2_worker(exports: str, threads: int, beam: int) -> None:
     for quantization in CT2_QUANTIZATIONS:
         folder = Path(exports) / quantization
         translators[f"ct2_{quantization}"] = ctranslate2.Translator(
-            str(folder), device="cpu", intra_threads=threads
+            str(folder),
+            device="cpu",
+            inter_threads=replicas,
+            intra_threads=max(1, threads // replicas),
         )
     sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
     setup = json.loads(input())
@@ -236,7 +245,7 @@ def ct2_worker(exports: str, threads: int, beam: int) -> None:
     ]
     for tokens, L in batches[: setup["warmup"]]:
         for translator in translators.values():
-            run_ct2(translator, tokens, L, beam)
+            run_ct2(translator, tokens, L, beam, replicas)
     print("ready", flush=True)
     for _ in iter(input, "done"):
         seconds = dict.fromkeys(translators, 0.0)
@@ -244,12 +253,12 @@ def ct2_worker(exports: str, threads: int, beam: int) -> None:
             names = list(translators) if i % 2 == 0 else list(translators)[::-1]
             for name in names:
                 t0 = time.perf_counter()
-                run_ct2(translators[name], tokens, L, beam)
+                run_ct2(translators[name], tokens, L, beam, replicas)
                 seconds[name] += time.perf_counter() - t0
         print(json.dumps(seconds), flush=True)
 
 
-def start_ct2_worker(folder: Path, batches, warmup: int, threads: int, beam: int):
+def start_ct2_worker(folder: Path, batches, *, warmup: int, threads: int, beam: int, replicas: int):
     """The folder exported to CTranslate2 (float32 and int8), and a worker process timing
     them (ct2_worker); None when ctranslate2 is not installed."""
     try:
@@ -263,7 +272,7 @@ def start_ct2_worker(folder: Path, batches, warmup: int, threads: int, beam: int
         export_ctranslate2(folder, exports / quantization, quantization)
     worker = subprocess.Popen(
         [sys.executable, __file__, "--ct2-worker", str(exports), "--threads", str(threads),
-         "--beam", str(beam)],
+         "--beam", str(beam), "--ct2-replicas", str(replicas)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     worker.stdin.write(json.dumps({"batches": batches, "warmup": warmup}) + "\n")
@@ -313,6 +322,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="CPU threads of each contender (default: torch's count)"
     )
+    parser.add_argument(
+        "--ct2-replicas",
+        type=int,
+        default=1,
+        help="CTranslate2 replicas (inter_threads) sharing --threads; 1: one translator",
+    )
     parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # internal: see ct2_worker
     return parser.parse_args()
 
@@ -356,11 +371,21 @@ def summarise_rounds(
     return results, ratios
 
 
+def hf_runner(arch: TransformerSeq2SeqArchitecture, vocab: int, device, beam: int):
+    """run_hf on MarianMT with the same sizes (random weights, seed 0); bf16 on CUDA, how HF
+    users run fast inference."""
+    torch.manual_seed(0)
+    model = marian(arch, vocab, use_cache=True).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    return lambda srcs, L: run_hf(model, srcs, L, beam, device)
+
+
 def main() -> None:
     args = parse_args()
     threads = args.threads or torch.get_num_threads()
     if args.ct2_worker:
-        ct2_worker(args.ct2_worker, threads, args.beam)
+        ct2_worker(args.ct2_worker, threads=threads, beam=args.beam, replicas=args.ct2_replicas)
         return
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
@@ -396,15 +421,16 @@ def main() -> None:
     n_params = sum(p.numel() for p in translator.model.parameters())
     runners = {"seqmodels": lambda srcs, L: run_seqmodels(translator, srcs, L)}
     if hf_version:
-        torch.manual_seed(0)
-        model = marian(arch, vocab, use_cache=True).to(device).eval()
-        if device.type == "cuda":
-            model = model.to(torch.bfloat16)  # how HF users run fast inference
-        runners["hf"] = lambda srcs, L: run_hf(model, srcs, L, args.beam, device)
+        runners["hf"] = hf_runner(arch, vocab, device, args.beam)
     worker = None
     if args.ct2 and device.type == "cpu":
         worker = start_ct2_worker(
-            translator.folder, batches, args.warmup_batches, threads, args.beam
+            translator.folder,
+            batches,
+            warmup=args.warmup_batches,
+            threads=threads,
+            beam=args.beam,
+            replicas=args.ct2_replicas,
         )
     per_round = timed_rounds(runners, worker, batches, args, device)
     shutil.rmtree(translator.folder, ignore_errors=True)
@@ -432,6 +458,7 @@ def main() -> None:
         "threads": threads,
         "rounds": args.rounds,
         "ctranslate2": ct2_version(),
+        "ct2_replicas": args.ct2_replicas,
         **results,
         **ratios,
     }

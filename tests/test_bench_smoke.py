@@ -67,9 +67,12 @@ def test_decode_throughput_smoke(mirror, bench_tmp):
 
 
 @pytest.mark.skipif(not HAS_CT2, reason="needs ctranslate2 (the `export` extra)")
-def test_decode_throughput_smoke_times_ctranslate2_in_rounds(mirror, bench_tmp):
-    figures = run_bench("decode_throughput.py", mirror, bench_tmp, "--no-hf", "--rounds", "2")
+@pytest.mark.parametrize("replicas", [1, 2])  # 2: CTranslate2's throughput layout
+def test_decode_throughput_smoke_times_ctranslate2_in_rounds(mirror, bench_tmp, replicas):
+    options = ["--no-hf", "--rounds", "2", "--ct2-replicas", str(replicas)]
+    figures = run_bench("decode_throughput.py", mirror, bench_tmp, *options)
     assert figures["rounds"] == 2 and figures["ctranslate2"]
+    assert figures["ct2_replicas"] == replicas
     for impl in ("ct2_float32", "ct2_int8"):
         low, high = figures[f"{impl}_tokens_per_s_spread"]
         assert 0 < low <= figures[f"{impl}_tokens_per_s"] <= high, impl
