@@ -208,7 +208,7 @@ def run_ct2(translator, tokens: list[list[str]], L: int, beam: int, replicas: in
     several replicas the batch is split into as many sub-batches, decoded in parallel."""
     results = translator.translate_batch(
         tokens,
-        max_batch_size=math.ceil(len(tokens) / replicas) if replicas > 1 else 0,
+        max_batch_size=math.ceil(len(tokens) / replicas),
         beam_size=beam,
         length_penalty=1.0,
         min_decoding_length=L + 1,

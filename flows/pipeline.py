@@ -76,6 +76,7 @@ def experiment_flow(
         data=data,
         spm_model=spm_model,
         corpus_version=corpus.version.digest,
+        config_hash=config_hash,
         previous_run_id=previous_id,
     )
     client = mlflow_client(tracking_uri)
@@ -217,6 +218,7 @@ def open_pipeline_run(
     data: dict[str, str],
     spm_model: str | None,
     corpus_version: str,
+    config_hash: str,
     previous_run_id: str | None,
 ) -> PipelineRun:
     """Start the experiment's MLflow parent run (tag stage=pipeline) with its lineage tags,
@@ -230,7 +232,7 @@ def open_pipeline_run(
     lineage = {
         "code_commit": code_commit(),
         "data_sha256": file_sha256(data["parquet"]),
-        "config_hash": config.fingerprint(),
+        "config_hash": config_hash,
         "corpus_version": corpus_version,
         "prefect_flow_run_id": str(flow_run.get_id()),
     }

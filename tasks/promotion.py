@@ -177,7 +177,7 @@ def promote_if_better(
         promoted, reason = decide(comparison, experiment.higher_is_better, alpha)
         tags = promotion_tags(comparison, promoted, reason, champion, alpha)
         # The data each side saw: a challenger trained on a newer corpus names both versions.
-        sides = {"challenger": version} | ({"champion": champion} if champion else {})
+        sides = {"challenger": version} | ({"champion": champion} if champion is not None else {})
         corpus_versions = {s: _corpus_version(client, registered_name, v) for s, v in sides.items()}
         for side, digest in corpus_versions.items():
             if digest is not None:
