@@ -329,7 +329,10 @@ def parse_args() -> argparse.Namespace:
         help="CTranslate2 replicas (inter_threads) sharing --threads; 1: one translator",
     )
     parser.add_argument("--ct2-worker", help=argparse.SUPPRESS)  # internal: see ct2_worker
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.ct2_replicas < 1:
+        parser.error(f"--ct2-replicas must be at least 1, got {args.ct2_replicas}")
+    return args
 
 
 def summarise_rounds(

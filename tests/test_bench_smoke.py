@@ -79,6 +79,13 @@ def test_decode_throughput_smoke_times_ctranslate2_in_rounds(mirror, bench_tmp, 
         assert positive(figures[f"{impl}_vs_seqmodels"]), impl
 
 
+def test_decode_throughput_refuses_zero_ctranslate2_replicas():
+    args = [sys.executable, str(REPO / "bench" / "decode_throughput.py"), "--ct2-replicas", "0"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--ct2-replicas must be at least 1, got 0" in result.stderr
+
+
 @pytest.mark.skipif(
     not (HAS_HF and importlib.util.find_spec("accelerate")),
     reason="needs transformers and accelerate (the Hugging Face Trainer)",
