@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import shutil
 import statistics
 import subprocess
@@ -66,6 +65,7 @@ from train_throughput import (
 )
 
 from seqmodels import EOS_ID, PAD_ID
+from seqmodels.inference.ct2_predictors import CT2Layout
 from seqmodels.inference.predictors import TranslationPredictor
 from seqmodels.models import FAMILIES
 from seqmodels.models.folder import FORMAT, META_FILE, load_predictor
@@ -203,12 +203,12 @@ def ct2_version() -> str | None:
     return ctranslate2.__version__
 
 
-def run_ct2(translator, tokens: list[list[str]], L: int, beam: int, replicas: int = 1) -> None:
+def run_ct2(translator, tokens: list[list[str]], L: int, beam: int, layout: CT2Layout) -> None:
     """CTranslate2 forced to the same L + 1 decoder steps: no EOS before L + 1 tokens. With
     several replicas the batch is split into as many sub-batches, decoded in parallel."""
     results = translator.translate_batch(
         tokens,
-        max_batch_size=math.ceil(len(tokens) / replicas),
+        max_batch_size=layout.max_batch_size(len(tokens)),
         beam_size=beam,
         length_penalty=1.0,
         min_decoding_length=L + 1,
@@ -224,18 +224,16 @@ def ct2_worker(exports: str, *, threads: int, beam: int, replicas: int) -> None:
     (one JSON line), then times every batch of each export for each "round" line.
     `replicas`: CTranslate2's inter_threads, each replica with threads // replicas threads
     (its throughput layout: a batch's sub-batches decode in parallel); 1: one translator
-    with all the threads, as seqmodels' CTranslate2 predictor runs it."""
+    with all the threads, seqmodels' CTranslate2 predictor's default (CT2Layout)."""
     import ctranslate2
     import sentencepiece as spm
 
+    layout = CT2Layout(replicas=replicas, threads=threads)
     translators = {}
     for quantization in CT2_QUANTIZATIONS:
         folder = Path(exports) / quantization
         translators[f"ct2_{quantization}"] = ctranslate2.Translator(
-            str(folder),
-            device="cpu",
-            inter_threads=replicas,
-            intra_threads=max(1, threads // replicas),
+            str(folder), device="cpu", **layout.runtime_options()
         )
     sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
     setup = json.loads(input())
@@ -245,7 +243,7 @@ def ct2_worker(exports: str, *, threads: int, beam: int, replicas: int) -> None:
     ]
     for tokens, L in batches[: setup["warmup"]]:
         for translator in translators.values():
-            run_ct2(translator, tokens, L, beam, replicas)
+            run_ct2(translator, tokens, L, beam, layout)
     print("ready", flush=True)
     for _ in iter(input, "done"):
         seconds = dict.fromkeys(translators, 0.0)
@@ -253,7 +251,7 @@ def ct2_worker(exports: str, *, threads: int, beam: int, replicas: int) -> None:
             names = list(translators) if i % 2 == 0 else list(translators)[::-1]
             for name in names:
                 t0 = time.perf_counter()
-                run_ct2(translators[name], tokens, L, beam, replicas)
+                run_ct2(translators[name], tokens, L, beam, layout)
                 seconds[name] += time.perf_counter() - t0
         print(json.dumps(seconds), flush=True)
 

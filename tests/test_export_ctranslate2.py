@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from seqmodels.evaluation.promotion import CHAMPION
+from seqmodels.inference.ct2_predictors import REPLICAS_ENV, THREADS_ENV, CT2Layout
 from seqmodels.models.folder import FORMAT, META_FILE, load_predictor
 from seqmodels.models.lstm_seq2seq import LSTMSeq2SeqArchitecture
 from seqmodels.models.transformer_lm import TransformerLMArchitecture
@@ -142,7 +143,50 @@ def test_int8_export_scores_within_half_a_bleu_point(
     assert abs(sacrebleu.corpus_bleu(ct2, refs).score - torch_bleu) <= 0.5
 
 
-def test_language_model_export_continues_like_seqmodels_greedy(mirror, multi30k_spm, tmp_path):
+def test_replicas_decode_shares_of_a_batch_side_by_side_with_the_same_translations(
+    mirror, translation_folder, torch_translations, tmp_path, monkeypatch
+):
+    sources = multi30k(mirror, "test_2016_flickr", "de")[:300]
+    exported = export_ctranslate2(translation_folder, tmp_path / "ct2", "float32")
+    monkeypatch.setenv(REPLICAS_ENV, "2")  # how `mlflow models serve` gets a layout
+    monkeypatch.setenv(THREADS_ENV, "2")
+
+    predictor = load_predictor(exported, device="cpu")
+    translations = predictor.translate(sources)
+
+    assert predictor.translator.num_translators == 2
+    assert predictor.layout == CT2Layout(replicas=2, threads=2)
+    same = sum(a == b for a, b in zip(translations, torch_translations, strict=False))
+    assert same / len(sources) >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({REPLICAS_ENV: "0"}, "SEQMODELS_CT2_REPLICAS='0': must be a whole number >= 1"),
+        ({REPLICAS_ENV: "two"}, "SEQMODELS_CT2_REPLICAS='two': must be a whole number >= 1"),
+        ({THREADS_ENV: "-1"}, "SEQMODELS_CT2_THREADS='-1': must be a whole number >= 0"),
+    ],
+)
+def test_a_bad_ctranslate2_layout_variable_is_named(environ, message):
+    with pytest.raises(ValueError, match=message):
+        CT2Layout.from_env(environ)
+
+
+def test_a_ctranslate2_layout_shares_the_threads_and_the_batch_among_replicas():
+    assert CT2Layout.from_env({}) == CT2Layout(replicas=1, threads=0)
+    one = CT2Layout.from_env({REPLICAS_ENV: "1", THREADS_ENV: "8"})
+    assert one.runtime_options() == {"inter_threads": 1, "intra_threads": 8}
+    assert one.max_batch_size(32) == 0  # the whole batch in one piece
+    three = CT2Layout.from_env({REPLICAS_ENV: " 3 ", THREADS_ENV: "8"})
+    assert three.runtime_options() == {"inter_threads": 3, "intra_threads": 2}
+    assert [three.max_batch_size(n) for n in (1, 31, 32, 33)] == [1, 11, 11, 11]
+    assert CT2Layout(replicas=4, threads=2).runtime_options()["intra_threads"] == 1
+
+
+def test_language_model_export_continues_like_seqmodels_greedy(
+    mirror, multi30k_spm, tmp_path, monkeypatch
+):
     spec = FamilyArch(
         "transformer_lm",
         TransformerLMArchitecture(block_size=64, n_layer=2, n_head=4, d_model=64, d_ff=128),
@@ -160,6 +204,10 @@ def test_language_model_export_continues_like_seqmodels_greedy(mirror, multi30k_
     ct2 = load_predictor(exported, device="cpu")
     got = ct2.generate(prompts, max_new_tokens=30, temperature=0.0)
     assert got == want
+    monkeypatch.setenv(REPLICAS_ENV, "2")
+    replicas = load_predictor(exported, device="cpu")
+    assert replicas.generator.num_generators == 2
+    assert replicas.generate(prompts, max_new_tokens=30, temperature=0.0) == want
     assert len(set(want)) > 1
     with pytest.raises(ValueError, match="more than this CTranslate2 model's 64"):
         ct2.generate(

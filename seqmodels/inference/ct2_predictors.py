@@ -21,6 +21,9 @@ gives the same string as beam_search for 99.7% of sentences; without the re-scor
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,58 @@ from seqmodels.inference.predictors import (
     continuation_text,
 )
 
-# CTranslate2's threads for one predictor (its intra_threads); 0: its default (all cores).
-DEFAULT_THREADS = 0
+# How a CTranslate2 predictor spreads over the machine, for `mlflow models serve` and
+# `seqmodels translate|generate` (which take no such option): see CT2Layout.
+REPLICAS_ENV = "SEQMODELS_CT2_REPLICAS"
+THREADS_ENV = "SEQMODELS_CT2_THREADS"
+
+
+@dataclass(frozen=True)
+class CT2Layout:
+    """`replicas` copies of the model (CTranslate2's inter_threads) decoding shares of a batch
+    side by side, sharing `threads` CPU threads (0: every core; with one replica, 0 leaves
+    CTranslate2's own default). One replica of all the threads is the lowest latency for one
+    sentence; for batches, replicas are CTranslate2's way to use the cores: two replicas of one
+    thread decoded 256 sentences about 1.4x faster than one translator of two threads on a
+    2-core CPU (BENCHMARKS.md, stop 26)."""
+
+    replicas: int = 1
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.threads < 0:
+            raise ValueError(
+                f"CTranslate2 layout: replicas must be >= 1 and threads >= 0 "
+                f"(got replicas={self.replicas}, threads={self.threads})"
+            )
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> CT2Layout:
+        """The layout SEQMODELS_CT2_REPLICAS and SEQMODELS_CT2_THREADS set (default 1, 0)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field, name, least in (("replicas", REPLICAS_ENV, 1), ("threads", THREADS_ENV, 0)):
+            raw = environ.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                values[field] = int(raw)
+            except ValueError:
+                values[field] = least - 1  # refused below, naming the variable
+            if values[field] < least:
+                raise ValueError(f"{name}={raw!r}: must be a whole number >= {least}")
+        return cls(**values)
+
+    def runtime_options(self) -> dict[str, int]:
+        """inter_threads and intra_threads for a ctranslate2.Translator or Generator."""
+        if self.replicas == 1:
+            return {"inter_threads": 1, "intra_threads": self.threads}
+        threads = self.threads or os.cpu_count() or 1
+        return {"inter_threads": self.replicas, "intra_threads": max(1, threads // self.replicas)}
+
+    def max_batch_size(self, n: int) -> int:
+        """CTranslate2's max_batch_size for n inputs: a share for each replica (0: no split)."""
+        return 0 if self.replicas == 1 else math.ceil(n / self.replicas)
 
 
 def ct2_device(device: str) -> str:
@@ -63,30 +116,38 @@ class CT2TranslationPredictor(TranslationPredictor):
     def __init__(self, translator: Any, sp: spm.SentencePieceProcessor, decoding: dict, **kw):
         self.translator, self.sp = translator, sp
         self.max_positions: int | None = kw.get("max_positions")
+        self.layout: CT2Layout = kw.get("layout", CT2Layout())
         self.configure(decoding)
         self.truncated_sources = 0
         self.banned = [[sp.id_to_piece(PAD_ID)], [sp.id_to_piece(BOS_ID)]]
 
     def decode_batch(self, srcs: list[list[int]]) -> list[list[int]]:
         # CTranslate2 takes one maximum length per call: sentences sharing one (of equal
-        # length: the batch is sorted by length) are decoded together.
+        # length: the batch is sorted by length) are decoded together. Every group is queued
+        # before any is waited for, so that several replicas decode groups side by side.
         limits = [
             max_output_tokens(len(s), self.max_len_a, self.max_len_b, self.max_positions)
             for s in srcs
         ]
-        out: list[list[int]] = []
+        groups: list[tuple[list[list[str]], Any]] = []
         start = 0
         for limit, group in groupby(limits):
             n = len(list(group))
-            out.extend(self._decode_group(srcs[start : start + n], limit))
+            tokens = [[self.sp.id_to_piece(i) for i in s] for s in srcs[start : start + n]]
+            groups.append((tokens, self._queue_search(tokens, limit)))
             start += n
+        out: list[list[int]] = []
+        for tokens, queued in groups:
+            out.extend(self._best_hypotheses(tokens, [r.result() for r in queued]))
         return out
 
-    def _decode_group(self, srcs: list[list[int]], limit: int) -> list[list[int]]:
-        tokens = [[self.sp.id_to_piece(i) for i in s] for s in srcs]
+    def _queue_search(self, tokens: list[list[str]], limit: int) -> list[Any]:
+        """Queue the beam search of one group (CTranslate2's asynchronous results)."""
         k = max(1, self.beam_size)
-        results = self.translator.translate_batch(
+        return self.translator.translate_batch(
             tokens,
+            max_batch_size=self.layout.max_batch_size(len(tokens)),
+            asynchronous=True,
             beam_size=k,
             num_hypotheses=k,
             # Not 0: at 0 CTranslate2 stops a sentence once its top beam ends, before K
@@ -100,6 +161,9 @@ class CT2TranslationPredictor(TranslationPredictor):
             return_scores=True,
             return_end_token=True,
         )
+
+    def _best_hypotheses(self, tokens: list[list[str]], results: list[Any]) -> list[list[int]]:
+        """The output ids beam_search would pick from each source's K hypotheses."""
         hypotheses = [self._scored_hypotheses(r) for r in results]
         self._score_forced_ends(tokens, hypotheses)
         out = []
@@ -137,7 +201,9 @@ class CT2TranslationPredictor(TranslationPredictor):
         if not todo:
             return
         results = self.translator.score_batch(
-            [sources[i] for i, _ in todo], [hypotheses[i][j][1][:-1] for i, j in todo]
+            [sources[i] for i, _ in todo],
+            [hypotheses[i][j][1][:-1] for i, j in todo],
+            max_batch_size=self.layout.max_batch_size(len(todo)),
         )  # score_batch appends the EOS and scores it too
         for (i, j), result in zip(todo, results, strict=True):
             hypotheses[i][j] = (sum(result.log_probs), hypotheses[i][j][1])
@@ -147,8 +213,15 @@ class CT2LMPredictor(LanguageModelPredictor):
     """A CTranslate2 Generator behind the language-model interface: generation only (scoring
     stays with the torch model)."""
 
-    def __init__(self, generator: Any, sp: spm.SentencePieceProcessor, max_context: int):
+    def __init__(
+        self,
+        generator: Any,
+        sp: spm.SentencePieceProcessor,
+        max_context: int,
+        layout: CT2Layout | None = None,
+    ):
         self.generator, self.sp, self.max_context = generator, sp, max_context
+        self.layout = layout or CT2Layout()
         self.eos = sp.id_to_piece(EOS_ID)
         self.banned = [[sp.id_to_piece(PAD_ID)], [sp.id_to_piece(BOS_ID)]]
 
@@ -176,6 +249,7 @@ class CT2LMPredictor(LanguageModelPredictor):
         greedy = temperature <= 0
         results = self.generator.generate_batch(
             starts,
+            max_batch_size=self.layout.max_batch_size(len(starts)),
             max_length=max_new_tokens,
             sampling_topk=1 if greedy else (top_k or 0),
             sampling_topp=top_p or 1.0,
@@ -197,7 +271,7 @@ def load_ct2_predictor(
     model_dir: Path, family: Any, arch: Any, decoding: dict, **options: Any
 ) -> TranslationPredictor | LanguageModelPredictor:
     """The predictor of a CTranslate2 folder of `family` (its task decides which) with
-    `arch`; options: device ("auto"), threads (CTranslate2's intra_threads; 0: its default)."""
+    `arch`; options: device ("auto"), layout (a CT2Layout; default: CT2Layout.from_env())."""
     import ctranslate2
 
     from seqmodels.files import load_sentencepiece
@@ -205,10 +279,11 @@ def load_ct2_predictor(
     model_dir = Path(model_dir)
     sp = load_sentencepiece(model_dir / "spm.model")
     where = ct2_device(options.get("device", "auto"))
-    threads = int(options.get("threads", DEFAULT_THREADS))
+    layout = options.get("layout") or CT2Layout.from_env()
+    runtime = {"device": where, **layout.runtime_options()}
     if family.task == "language_model":
-        generator = ctranslate2.Generator(str(model_dir), device=where, intra_threads=threads)
-        return CT2LMPredictor(generator, sp, family.max_context(arch))
-    translator = ctranslate2.Translator(str(model_dir), device=where, intra_threads=threads)
+        generator = ctranslate2.Generator(str(model_dir), **runtime)
+        return CT2LMPredictor(generator, sp, family.max_context(arch), layout)
+    translator = ctranslate2.Translator(str(model_dir), **runtime)
     positions = family.max_positions(arch)
-    return CT2TranslationPredictor(translator, sp, decoding, max_positions=positions)
+    return CT2TranslationPredictor(translator, sp, decoding, max_positions=positions, layout=layout)
