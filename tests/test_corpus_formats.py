@@ -46,6 +46,21 @@ def test_aligned_text_files_are_read_line_for_line_as_polars_reads_lines(tmp_pat
     assert scan_text_pair(*files).collect()["src"].to_list() == ["line one", "line two"]
 
 
+def test_a_nul_byte_in_a_file_the_caller_did_not_prepare_is_named_before_cleaning(tmp_path):
+    src = tmp_path / "train.de"
+    src.write_bytes(b"Ein Hund.\nEine Katze.\nEin Vogel.\n")
+    tgt = tmp_path / "train.en"
+    # The NUL past the first 8 MiB read, so the line count spans chunks.
+    tgt.write_bytes(b"A dog.\n" * 2_000_000 + b"A c\0at.\nA bird.\n")
+    files = [InputFile(p, f"file://{p}", "train", p.suffix[1:]) for p in (src, tgt)]
+
+    with pytest.raises(CorpusFormatError, match=rf"{tgt}:2000001: NUL byte"):
+        clean_corpus(
+            files, tmp_path / "out", CleanConfig(), "parallel", src_lang="de", tgt_lang="en"
+        )
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 def test_parallel_tsv_with_header_reads_named_columns(tmp_path):
     path = _lines(
         tmp_path / "pairs.tsv",

@@ -26,7 +26,12 @@ import polars as pl
 from seqmodels.data.archive import extract_member
 from seqmodels.data.documents import PreparedSplit, prepare_documents, prepared_folder_key
 from seqmodels.data.settings import PAIR_FORMATS, CorpusConfig, SourceFile
-from seqmodels.data.textfile import TextFileStats, prepare_text_file, read_text_stats
+from seqmodels.data.textfile import (
+    TextFileStats,
+    first_nul_line,
+    prepare_text_file,
+    read_text_stats,
+)
 
 # The keys of a prepared documents/reader file: roles, not languages.
 ROLE_FIELDS = {"src": "src", "tgt": "tgt"}
@@ -272,10 +277,25 @@ def scan_text_pair(src: InputFile, tgt: InputFile) -> pl.LazyFrame:
     return pair.with_columns(_malformed=pl.lit(False), source_file=pl.lit(src.url))
 
 
+def refuse_nul_bytes(files: list[InputFile]) -> None:
+    """Files that prepare_inputs did not make (no stats: built by a caller of clean_corpus)
+    are checked for NUL bytes, which the reader splits lines on (_scan_lines): an error
+    naming the file and line before any work, instead of Polars' "more fields than defined
+    in 'Schema'" mid-clean. Prepared files had theirs removed (and counted)."""
+    for f in files:
+        line = first_nul_line(f.path) if f.stats is None else None
+        if line is not None:
+            raise CorpusFormatError(
+                f"{f.path}:{line}: NUL byte (in a file not prepared by prepare_inputs, which "
+                "removes them; seqmodels.data.textfile.prepare_text_file prepares one file)"
+            )
+
+
 def scan_corpus(
     files: list[InputFile], kind: str, src_lang: str | None = None, tgt_lang: str | None = None
 ) -> list[tuple[InputFile, pl.LazyFrame]]:
     """Every segment source of the corpus with the file that names its split and lines."""
+    refuse_nul_bytes(files)
     if kind != "parallel":
         return [(f, scan_file(f, {"text": f.fields.get("text", "")})) for f in files]
     units = []

@@ -96,6 +96,18 @@ def _lines_if_already_clean(source: Path) -> int | None:
     return lines if not pending else None  # `pending`: a last line without its newline
 
 
+def first_nul_line(path: Path) -> int | None:
+    """The 1-based number of the first line of `path` holding a NUL byte; None if none does."""
+    newlines = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            at = chunk.find(b"\0")
+            if at >= 0:
+                return newlines + chunk.count(b"\n", 0, at) + 1
+            newlines += chunk.count(b"\n")
+    return None
+
+
 def is_utf8(data: bytes | bytearray) -> bool:
     """Whether `data` is valid UTF-8: Arrow's validation (SIMD), about 4x faster than
     decoding it in Python, which would also build the string."""
