@@ -2,7 +2,7 @@
 
     python bench/gpu_suite.py prepare --out DIR [--quick]     # here, on CPU, full venv
     python bench/gpu_suite.py run --inputs DIR --budget-s 480 [--quick] [--parts a,b]
-        [--part-budget NAME=SECONDS ...]
+        [--part-budget NAME=SECONDS ...] [--compile]
 
 `prepare` runs seqmodels' own clean stage (Polars) on Multi30k de-en and Tiny Shakespeare
 from the mirror (SEQMODELS_MIRROR, default ../shared/corpora), trains the SentencePiece
@@ -22,7 +22,9 @@ Parts, each one JSON line (device and versions included), then a summary line:
   lm                                   Shakespeare Transformer LM, bits per character.
 Every part runs under its own time budget (a share of --budget-s); a part over budget is
 interrupted (SIGALRM) and reported as "over_budget", and the next part runs. `--quick`:
-tiny sizes on the CPU, for CI's smoke tests.
+tiny sizes on the CPU, for CI's smoke tests. `--compile`: the training-throughput parts
+torch.compile every contender (seqmodels' `compile: true`, the plain loop's and HF's model),
+the next thing to try against HF on a GPU (plain PyTorch measured 1.05-1.12x HF on an H200).
 """
 
 from __future__ import annotations
@@ -229,6 +231,7 @@ class SuiteRun:
     device: object  # torch.device
     quick: bool
     work: Path
+    compile: bool = False  # torch.compile the training-throughput contenders
 
 
 def run_part(name: str, budget_s: float, suite: SuiteRun) -> dict:
@@ -269,7 +272,11 @@ def train_throughput_part(shape: str):
         # a whole plain step); with two rounds it was at 0.99x.
         rounds = 1 if suite.quick else 2
         args = argparse.Namespace(
-            warmup=sizes["warmup"], steps=sizes["steps"], rounds=rounds, hf=hf, compile=False
+            warmup=sizes["warmup"],
+            steps=sizes["steps"],
+            rounds=rounds,
+            hf=hf,
+            compile=suite.compile,
         )
         data = multi30k_from_parquet(suite.inputs / MT_PARQUET)
         figures = tt.bench_model(
@@ -277,7 +284,7 @@ def train_throughput_part(shape: str):
         )
         if not hf and shape != "lstm":
             figures["hf"] = "skipped: transformers not installed"
-        return figures
+        return {**figures, "compile": suite.compile}
 
     return part
 
@@ -522,7 +529,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     info = device_info(device)
     lines = []
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
-        suite = SuiteRun(args.inputs, device, args.quick, Path(tmp))
+        suite = SuiteRun(args.inputs, device, args.quick, Path(tmp), compile=args.compile)
         for name in parts:
             budget = float(overrides.get(name, BUDGET_SHARES[name] * args.budget_s))
             line = {**info, **run_part(name, budget, suite), "quick_inputs": manifest["quick"]}
@@ -552,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
     go.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)}")
     go.add_argument(
         "--part-budget", action="append", default=[], help="NAME=SECONDS: override a budget"
+    )
+    go.add_argument(
+        "--compile", action="store_true", help="torch.compile the training-throughput contenders"
     )
     args = parser.parse_args(argv)
     if args.command == "prepare":

@@ -139,3 +139,21 @@ def test_a_ctranslate2_that_cannot_load_on_the_device_leaves_the_beam_figures(
     assert beam["ctranslate2_status"] == (
         "error: RuntimeError: Library libcublas.so.12 is not found or cannot be loaded"
     )
+
+
+def test_compile_reaches_every_training_throughput_contender(prepared, monkeypatch, capsys):
+    import train_throughput  # bench/, on the path gpu_suite sets
+
+    seen = []
+
+    def bench_model(shape, size, args, device, data, *, spm_path):
+        seen.append((shape, args.compile))
+        return {"seqmodels_tokens_per_s": 1.0}
+
+    monkeypatch.setattr(train_throughput, "bench_model", bench_model)
+    folder, _ = prepared
+    parts = "train_seq2seq,train_lm"
+    gpu_suite.main(["run", "--inputs", str(folder), "--quick", "--parts", parts, "--compile"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert seen == [("seq2seq", True), ("lm", True)]
+    assert [line.get("compile") for line in lines[:2]] == [True, True]
