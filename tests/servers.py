@@ -90,6 +90,15 @@ def cmdline(pid: int) -> str:
     return ""
 
 
+def kill_flow_run_process(worker_pid: int, logs: str = "") -> None:
+    """SIGKILL the process executing a worker's flow run (its child running Prefect's engine),
+    as an out-of-memory kill or a lost machine would; `logs` are shown if there is none."""
+    procs = [p for p in descendants(worker_pid) if "prefect" in cmdline(p)]
+    engine = [p for p in procs if "engine" in cmdline(p)] or procs
+    assert engine, "no flow-run process under the worker" + logs
+    os.kill(engine[0], signal.SIGKILL)
+
+
 def wait_for(predicate, timeout: float, what: str):
     """The first truthy value of `predicate()`, polled for `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -18,9 +18,9 @@ HAS_HF = importlib.util.find_spec("transformers") is not None
 HAS_CT2 = importlib.util.find_spec("ctranslate2") is not None
 
 
-def run_bench(script: str, mirror, tmp_path, *options: str) -> dict:
+def run_bench(script: str, mirror, tmp_path, *options: str, compares_hf: bool = True) -> dict:
     args = [sys.executable, str(REPO / "bench" / script), "--smoke", "--device", "cpu", *options]
-    if not HAS_HF and "--no-hf" not in options:
+    if compares_hf and not HAS_HF and "--no-hf" not in options:
         args.append("--no-hf")
     env = {**os.environ, "SEQMODELS_MIRROR": str(mirror), "TMPDIR": str(tmp_path)}
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
@@ -77,6 +77,24 @@ def test_decode_throughput_smoke_times_ctranslate2_in_rounds(mirror, bench_tmp, 
         low, high = figures[f"{impl}_tokens_per_s_spread"]
         assert 0 < low <= figures[f"{impl}_tokens_per_s"] <= high, impl
         assert positive(figures[f"{impl}_vs_seqmodels"]), impl
+
+
+@pytest.mark.skipif(not HAS_CT2, reason="needs ctranslate2 (the `export` extra)")
+def test_ct2_serving_smoke_times_each_replica_layout_in_rounds(mirror, bench_tmp):
+    figures = run_bench("ct2_serving.py", mirror, bench_tmp, "--rounds", "2", compares_hf=False)
+    assert figures["bench"] == "ct2_serving" and figures["sentences"] == 8
+    for q in ("int8", "float32"):
+        for n in (1, 2):
+            seconds = figures["seconds"][f"{q}_replicas_{n}"]
+            assert len(seconds) == 2 and all(positive(x) for x in seconds), (q, n)
+        assert positive(figures[f"{q}_replicas_2_vs_1"])
+
+
+def test_ct2_serving_refuses_a_replica_count_below_one():
+    args = [sys.executable, str(REPO / "bench" / "ct2_serving.py"), "--replicas", "1,0"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--replicas must all be at least 1, got [1, 0]" in result.stderr
 
 
 def test_decode_throughput_refuses_zero_ctranslate2_replicas():

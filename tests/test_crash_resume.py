@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 
 import pytest
 from mlflow import MlflowClient
@@ -22,9 +21,8 @@ from tests.servers import (
     BIN,
     background,
     checked_cli,
-    cmdline,
-    descendants,
     free_port,
+    kill_flow_run_process,
     wait_for,
     wait_healthy,
 )
@@ -51,6 +49,20 @@ experiments:
                     checkpoint_every: 25}}
     evaluation: {{sample_tokens: 10}}
 """
+
+
+def deploy_the_pipeline(client_env: dict) -> None:
+    """The pipeline deployed from this repository (flow.from_source(...).deploy) to POOL."""
+    checked_cli(
+        [
+            str(BIN / "python"),
+            "-c",
+            "from flows.pipeline import pipeline_flow;"
+            f"pipeline_flow.from_source({str(REPO)!r}, 'flows/pipeline.py:pipeline_flow')"
+            f".deploy('crash', work_pool_name={POOL!r}, print_next_steps=False)",
+        ],
+        client_env,
+    )
 
 
 @pytest.mark.e2e
@@ -82,16 +94,7 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
         wait_healthy(f"{api}/health", server, log)
         prefect = str(BIN / "prefect")
         checked_cli([prefect, "work-pool", "create", POOL, "--type", "process"], client_env)
-        checked_cli(
-            [
-                str(BIN / "python"),
-                "-c",
-                "from flows.pipeline import pipeline_flow;"
-                f"pipeline_flow.from_source({str(REPO)!r}, 'flows/pipeline.py:pipeline_flow')"
-                f".deploy('crash', work_pool_name={POOL!r}, print_next_steps=False)",
-            ],
-            client_env,
-        )
+        deploy_the_pipeline(client_env)
         worker_log = tmp_path / "worker.log"
         worker = stack.enter_context(
             background([prefect, "worker", "start", "--pool", POOL], worker_env, worker_log)
@@ -105,11 +108,7 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
                 240,
                 "the first checkpoint",
             )
-            # The process executing the flow run: the worker's child running the engine.
-            flow_procs = [p for p in descendants(worker.pid) if "prefect" in cmdline(p)]
-            engine = [p for p in flow_procs if "engine" in cmdline(p)] or flow_procs
-            assert engine, worker_log.read_text()[-3000:]
-            os.kill(engine[0], signal.SIGKILL)
+            kill_flow_run_process(worker.pid, worker_log.read_text()[-3000:])
             killed_at = max(
                 int(p.stem.split("-")[1])
                 for p in checkpoints.glob("transformer-*/checkpoints/step-*.pt")
