@@ -12,7 +12,9 @@ heavy but steady workload. Each layout is SEQMODELS_CT2_REPLICAS=N with
 SEQMODELS_CT2_THREADS=--threads (seqmodels.inference.ct2_predictors.CT2Layout), timed in a
 process of its own (one warm-up batch, then every source), the layouts alternating within
 each round and their order reversed every other round. One JSON line: seconds per layout
-and round, medians, and each layout's speed-up over one replica.
+and round, medians, the words of each quantization's translations (the same under every
+layout, or the bench fails: they must do the same work), and each layout's speed-up over
+the first one listed (one replica by default).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 8 sources: a check")
-    parser.add_argument("--device", default="cpu", help="cpu (CTranslate2 on the CPU)")
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # EXPORT SOURCES_JSON
     args = parser.parse_args()
     try:
@@ -98,8 +100,10 @@ def exports(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path], Path
 
 
 def timed_layouts(args: argparse.Namespace, folders: dict[str, Path], sources: Path) -> dict:
-    """Seconds per (quantization, replicas) for each round, every one in its own process."""
+    """Seconds per (quantization, replicas) for each round, every one in its own process, and
+    the words of each quantization's translations (the same under every layout)."""
     seconds: dict[str, list[float]] = {}
+    words: dict[str, set[int]] = {}
     for r in range(args.rounds):
         runs = [(q, n) for q in folders for n in args.replicas]
         for q, n in runs if r % 2 == 0 else runs[::-1]:
@@ -109,7 +113,11 @@ def timed_layouts(args: argparse.Namespace, folders: dict[str, Path], sources: P
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             line = json.loads(out.stdout.strip().splitlines()[-1])
             seconds.setdefault(f"{q}_replicas_{n}", []).append(round(line["seconds"], 4))
-    return seconds
+            words.setdefault(q, set()).add(line["words"])
+    differing = {q: sorted(w) for q, w in words.items() if len(w) > 1}
+    if differing:
+        raise SystemExit(f"the layouts translated differently (words per run): {differing}")
+    return seconds, {q: w.pop() for q, w in words.items()}
 
 
 def main() -> None:
@@ -122,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ct2-serving-") as tmp:
         folders, sources = exports(args, Path(tmp))
         n_sources = len(json.loads(sources.read_text()))
-        seconds = timed_layouts(args, folders, sources)
+        seconds, words = timed_layouts(args, folders, sources)
     figures = {
         "bench": "ct2_serving",
         "device": "cpu",
@@ -135,6 +143,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "rounds": args.rounds,
         "seconds": seconds,
+        "output_words": words,
         "median_seconds": {k: round(statistics.median(v), 3) for k, v in seconds.items()},
     }
     base = args.replicas[0]

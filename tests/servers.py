@@ -90,12 +90,12 @@ def cmdline(pid: int) -> str:
     return ""
 
 
-def kill_flow_run_process(worker_pid: int, logs: str = "") -> None:
+def kill_flow_run_process(worker_pid: int, logs=lambda: "") -> None:
     """SIGKILL the process executing a worker's flow run (its child running Prefect's engine),
-    as an out-of-memory kill or a lost machine would; `logs` are shown if there is none."""
+    as an out-of-memory kill or a lost machine would; `logs()` is shown if there is none."""
     procs = [p for p in descendants(worker_pid) if "prefect" in cmdline(p)]
     engine = [p for p in procs if "engine" in cmdline(p)] or procs
-    assert engine, "no flow-run process under the worker" + logs
+    assert engine, "no flow-run process under the worker" + logs()
     os.kill(engine[0], signal.SIGKILL)
 
 

@@ -88,6 +88,7 @@ def test_ct2_serving_smoke_times_each_replica_layout_in_rounds(mirror, bench_tmp
             seconds = figures["seconds"][f"{q}_replicas_{n}"]
             assert len(seconds) == 2 and all(positive(x) for x in seconds), (q, n)
         assert positive(figures[f"{q}_replicas_2_vs_1"])
+        assert positive(figures["output_words"][q])  # the same under both layouts
 
 
 def test_ct2_serving_refuses_a_replica_count_below_one():

@@ -389,7 +389,7 @@ def kill_while_training(s: Scenario, flow_run, checkpoints: Path, before: set) -
         300,
         "a checkpoint of the triggered run" + s.tails(),
     )
-    kill_flow_run_process(s.worker.pid, s.tails())
+    kill_flow_run_process(s.worker.pid, s.tails)
     assert new_checkpoints
     state = s.state_when(
         flow_run.id, lambda st: st.is_final(), "the killed run to be marked final",

@@ -108,12 +108,7 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
                 240,
                 "the first checkpoint",
             )
-            kill_flow_run_process(worker.pid, worker_log.read_text()[-3000:])
-            killed_at = max(
-                int(p.stem.split("-")[1])
-                for p in checkpoints.glob("transformer-*/checkpoints/step-*.pt")
-            )
-
+            kill_flow_run_process(worker.pid, lambda: worker_log.read_text()[-3000:])
             with get_client(sync_client=True) as client:
                 state = wait_for(
                     lambda: (s := client.read_flow_run(first.id).state).is_final() and s,
@@ -121,6 +116,11 @@ def test_killed_flow_run_shows_crashed_and_the_next_run_resumes_training(tmp_pat
                     "the killed run to be marked final",
                 )
             assert state.type == StateType.CRASHED, state
+            # Read once the process is dead: it trains on while the kill is on its way.
+            killed_at = max(
+                int(p.stem.split("-")[1])
+                for p in checkpoints.glob("transformer-*/checkpoints/step-*.pt")
+            )
 
             second = run_deployment(
                 "seqmodels-pipeline/crash", parameters=params, timeout=600, poll_interval=2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -181,7 +182,11 @@ def test_a_ctranslate2_layout_shares_the_threads_and_the_batch_among_replicas():
     three = CT2Layout.from_env({REPLICAS_ENV: " 3 ", THREADS_ENV: "8"})
     assert three.runtime_options() == {"inter_threads": 3, "intra_threads": 2}
     assert [three.max_batch_size(n) for n in (1, 31, 32, 33)] == [1, 11, 11, 11]
-    assert CT2Layout(replicas=4, threads=2).runtime_options()["intra_threads"] == 1
+    # 0 threads: the cores this process may use (a container's CPU set), not the host's.
+    cores = len(os.sched_getaffinity(0))
+    assert CT2Layout().runtime_options() == {"inter_threads": 1, "intra_threads": cores}
+    with pytest.raises(ValueError, match="2 threads .* cannot run 4 replicas"):
+        CT2Layout.from_env({REPLICAS_ENV: "4", THREADS_ENV: "2"})
 
 
 def test_language_model_export_continues_like_seqmodels_greedy(
@@ -208,6 +213,10 @@ def test_language_model_export_continues_like_seqmodels_greedy(
     replicas = load_predictor(exported, device="cpu")
     assert replicas.generator.num_generators == 2
     assert replicas.generate(prompts, max_new_tokens=30, temperature=0.0) == want
+    # Sampling with a seed draws the same continuations again (generate_batch takes none).
+    sampled = [ct2.generate(prompts, max_new_tokens=30, temperature=1.0, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert replicas.generate(prompts, max_new_tokens=30, temperature=1.0, seed=1) == sampled[0]
     assert len(set(want)) > 1
     with pytest.raises(ValueError, match="more than this CTranslate2 model's 64"):
         ct2.generate(

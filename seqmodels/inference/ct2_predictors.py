@@ -21,8 +21,10 @@ gives the same string as beam_search for 99.7% of sentences; without the re-scor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -47,11 +49,13 @@ THREADS_ENV = "SEQMODELS_CT2_THREADS"
 @dataclass(frozen=True)
 class CT2Layout:
     """`replicas` copies of the model (CTranslate2's inter_threads) decoding shares of a batch
-    side by side, sharing `threads` CPU threads (0: every core; with one replica, 0 leaves
-    CTranslate2's own default). One replica of all the threads is the lowest latency for one
-    sentence; for batches, replicas are CTranslate2's way to use the cores: two replicas of one
-    thread decoded 256 sentences about 1.4x faster than one translator of two threads on a
-    2-core CPU (BENCHMARKS.md, stop 26)."""
+    side by side, sharing `threads` CPU threads (0: the cores this process may run on, not
+    CTranslate2's own default of 4 threads). One replica of all the threads is the lowest
+    latency for one sentence; for batches, replicas are CTranslate2's way to use the cores: two
+    replicas of one thread decoded 256 sentences 1.3-1.6x faster than one translator of two
+    threads on a 2-core CPU (bench/ct2_serving.py, BENCHMARKS.md). On a GPU, replicas are
+    copies of the model on the same device, each decoding its share of a batch on its own
+    stream (CTranslate2's inter_threads there); not measured here."""
 
     replicas: int = 1
     threads: int = 0
@@ -59,12 +63,17 @@ class CT2Layout:
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.threads < 0:
             raise ValueError(
-                f"CTranslate2 layout: replicas must be >= 1 and threads >= 0 "
-                f"(got replicas={self.replicas}, threads={self.threads})"
+                f"CTranslate2 layout: replicas ({REPLICAS_ENV}) must be >= 1 and threads "
+                f"({THREADS_ENV}) >= 0; got replicas={self.replicas}, threads={self.threads}"
+            )
+        if 0 < self.threads < self.replicas:
+            raise ValueError(
+                f"CTranslate2 layout: {self.threads} threads ({THREADS_ENV}) cannot run "
+                f"{self.replicas} replicas ({REPLICAS_ENV}): each needs a thread of its own"
             )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> CT2Layout:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CT2Layout:
         """The layout SEQMODELS_CT2_REPLICAS and SEQMODELS_CT2_THREADS set (default 1, 0)."""
         environ = os.environ if environ is None else environ
         values = {}
@@ -82,14 +91,20 @@ class CT2Layout:
 
     def runtime_options(self) -> dict[str, int]:
         """inter_threads and intra_threads for a ctranslate2.Translator or Generator."""
-        if self.replicas == 1:
-            return {"inter_threads": 1, "intra_threads": self.threads}
-        threads = self.threads or os.cpu_count() or 1
+        threads = self.threads or usable_cores()
         return {"inter_threads": self.replicas, "intra_threads": max(1, threads // self.replicas)}
 
     def max_batch_size(self, n: int) -> int:
         """CTranslate2's max_batch_size for n inputs: a share for each replica (0: no split)."""
         return 0 if self.replicas == 1 else math.ceil(n / self.replicas)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's CPU set), not the
+    host's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def ct2_device(device: str) -> str:
@@ -116,7 +131,7 @@ class CT2TranslationPredictor(TranslationPredictor):
     def __init__(self, translator: Any, sp: spm.SentencePieceProcessor, decoding: dict, **kw):
         self.translator, self.sp = translator, sp
         self.max_positions: int | None = kw.get("max_positions")
-        self.layout: CT2Layout = kw.get("layout", CT2Layout())
+        self.layout: CT2Layout = kw.get("layout") or CT2Layout()
         self.configure(decoding)
         self.truncated_sources = 0
         self.banned = [[sp.id_to_piece(PAD_ID)], [sp.id_to_piece(BOS_ID)]]
@@ -129,17 +144,26 @@ class CT2TranslationPredictor(TranslationPredictor):
             max_output_tokens(len(s), self.max_len_a, self.max_len_b, self.max_positions)
             for s in srcs
         ]
-        groups: list[tuple[list[list[str]], Any]] = []
-        start = 0
-        for limit, group in groupby(limits):
-            n = len(list(group))
-            tokens = [[self.sp.id_to_piece(i) for i in s] for s in srcs[start : start + n]]
-            groups.append((tokens, self._queue_search(tokens, limit)))
-            start += n
-        out: list[list[int]] = []
-        for tokens, queued in groups:
-            out.extend(self._best_hypotheses(tokens, [r.result() for r in queued]))
-        return out
+        groups: list[tuple[list[list[str]], list[Any]]] = []
+        try:
+            start = 0
+            for limit, group in groupby(limits):
+                n = len(list(group))
+                tokens = [[self.sp.id_to_piece(i) for i in s] for s in srcs[start : start + n]]
+                groups.append((tokens, self._queue_search(tokens, limit)))
+                start += n
+            out: list[list[int]] = []
+            for tokens, queued in groups:
+                out.extend(self._best_hypotheses(tokens, [r.result() for r in queued]))
+            return out
+        except BaseException:
+            # Wait out what is still queued, so that the next request does not queue behind
+            # work whose results nobody reads; the first error is the one raised.
+            for _, queued in groups:
+                for result in queued:
+                    with contextlib.suppress(Exception):
+                        result.result()
+            raise
 
     def _queue_search(self, tokens: list[list[str]], limit: int) -> list[Any]:
         """Queue the beam search of one group (CTranslate2's asynchronous results)."""
@@ -211,16 +235,18 @@ class CT2TranslationPredictor(TranslationPredictor):
 
 class CT2LMPredictor(LanguageModelPredictor):
     """A CTranslate2 Generator behind the language-model interface: generation only (scoring
-    stays with the torch model)."""
+    stays with the torch model). `new_generator()` builds the Generator (see `generate` for
+    why a seeded call needs a fresh one)."""
 
     def __init__(
         self,
-        generator: Any,
+        new_generator: Callable[[], Any],
         sp: spm.SentencePieceProcessor,
         max_context: int,
         layout: CT2Layout | None = None,
     ):
-        self.generator, self.sp, self.max_context = generator, sp, max_context
+        self.new_generator, self.sp, self.max_context = new_generator, sp, max_context
+        self.generator = new_generator()
         self.layout = layout or CT2Layout()
         self.eos = sp.id_to_piece(EOS_ID)
         self.banned = [[sp.id_to_piece(PAD_ID)], [sp.id_to_piece(BOS_ID)]]
@@ -237,7 +263,13 @@ class CT2LMPredictor(LanguageModelPredictor):
         stop_at_line_end: bool = False,
     ) -> list[str]:
         """As NeuralLMPredictor.generate (temperature <= 0: greedy); the prompt and what is
-        generated must fit the model's context (learned positions cannot slide here)."""
+        generated must fit the model's context (learned positions cannot slide here).
+
+        `seed`: generate_batch takes none, and CTranslate2 seeds each worker thread's random
+        generator once, at its first draw, from the global seed (set_random_seed). So a
+        seeded call sets that seed and samples with a Generator of its own (loaded again:
+        new threads, freshly seeded), its whole batch on one replica: the same prompts and
+        seed give the same continuations. Unseeded calls share the loaded Generator."""
         starts = [[self.eos] + self.sp.encode(p, out_type=str) for p in prompts]
         longest = max((len(s) for s in starts), default=0) + max_new_tokens
         if self.max_context is not None and longest > self.max_context:
@@ -247,9 +279,15 @@ class CT2LMPredictor(LanguageModelPredictor):
                 "slides its context)"
             )
         greedy = temperature <= 0
-        results = self.generator.generate_batch(
+        generator, share = self.generator, self.layout.max_batch_size(len(starts))
+        if seed is not None and not greedy:
+            import ctranslate2
+
+            ctranslate2.set_random_seed(seed)
+            generator, share = self.new_generator(), 0
+        results = generator.generate_batch(
             starts,
-            max_batch_size=self.layout.max_batch_size(len(starts)),
+            max_batch_size=share,
             max_length=max_new_tokens,
             sampling_topk=1 if greedy else (top_k or 0),
             sampling_topp=top_p or 1.0,
@@ -257,7 +295,6 @@ class CT2LMPredictor(LanguageModelPredictor):
             end_token=self.eos if stop_at_line_end else [],
             suppress_sequences=self.banned,
             include_prompt_in_result=False,
-            **({"random_seed": seed} if seed is not None else {}),
         )
         outputs = []
         for start, result in zip(starts, results, strict=True):
@@ -282,8 +319,11 @@ def load_ct2_predictor(
     layout = options.get("layout") or CT2Layout.from_env()
     runtime = {"device": where, **layout.runtime_options()}
     if family.task == "language_model":
-        generator = ctranslate2.Generator(str(model_dir), **runtime)
-        return CT2LMPredictor(generator, sp, family.max_context(arch), layout)
+
+        def new_generator() -> Any:
+            return ctranslate2.Generator(str(model_dir), **runtime)
+
+        return CT2LMPredictor(new_generator, sp, family.max_context(arch), layout)
     translator = ctranslate2.Translator(str(model_dir), **runtime)
     positions = family.max_positions(arch)
     return CT2TranslationPredictor(translator, sp, decoding, max_positions=positions, layout=layout)
