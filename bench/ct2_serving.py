@@ -35,7 +35,7 @@ from corpora import multi30k
 from decode_throughput import SIZES, seqmodels_translator
 from train_throughput import WORKDIR, encode, sentencepiece_model, seq2seq_architecture
 
-from seqmodels.inference.ct2_predictors import REPLICAS_ENV, THREADS_ENV
+from seqmodels.inference.ct2_predictors import REPLICAS_ENV, THREADS_ENV, CT2Layout, usable_cores
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--smoke", action="store_true", help="tiny model, 8 sources: a check")
     parser.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # EXPORT SOURCES_JSON
@@ -57,6 +57,11 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--replicas: comma-separated whole numbers, got {args.replicas!r}")
     if min(args.replicas) < 1:
         parser.error(f"--replicas must all be at least 1, got {args.replicas}")
+    for n in args.replicas:  # the predictor's own check (fewer threads than replicas)
+        try:
+            CT2Layout(replicas=n, threads=args.threads)
+        except ValueError as e:
+            parser.error(str(e))
     return args
 
 
@@ -99,7 +104,9 @@ def exports(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path], Path
     return folders, sources
 
 
-def timed_layouts(args: argparse.Namespace, folders: dict[str, Path], sources: Path) -> dict:
+def timed_layouts(
+    args: argparse.Namespace, folders: dict[str, Path], sources: Path
+) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Seconds per (quantization, replicas) for each round, every one in its own process, and
     the words of each quantization's translations (the same under every layout)."""
     seconds: dict[str, list[float]] = {}
@@ -110,7 +117,9 @@ def timed_layouts(args: argparse.Namespace, folders: dict[str, Path], sources: P
             env = {**os.environ, REPLICAS_ENV: str(n), THREADS_ENV: str(args.threads)}
             command = [sys.executable, __file__, "--worker", str(folders[q]), str(sources)]
             command += ["--batch-size", str(args.batch_size)]
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(command, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{q}, {n} replicas: the worker failed\n{out.stderr[-3000:]}")
             line = json.loads(out.stdout.strip().splitlines()[-1])
             seconds.setdefault(f"{q}_replicas_{n}", []).append(round(line["seconds"], 4))
             words.setdefault(q, set()).add(line["words"])

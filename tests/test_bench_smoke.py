@@ -91,11 +91,15 @@ def test_ct2_serving_smoke_times_each_replica_layout_in_rounds(mirror, bench_tmp
         assert positive(figures["output_words"][q])  # the same under both layouts
 
 
-def test_ct2_serving_refuses_a_replica_count_below_one():
+def test_ct2_serving_refuses_a_layout_the_predictor_would_refuse():
     args = [sys.executable, str(REPO / "bench" / "ct2_serving.py"), "--replicas", "1,0"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--replicas must all be at least 1, got [1, 0]" in result.stderr
+    args = [sys.executable, str(REPO / "bench" / "ct2_serving.py"), "--replicas", "1,2"]
+    result = subprocess.run([*args, "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "1 threads (SEQMODELS_CT2_THREADS) cannot run 2 replicas" in result.stderr
 
 
 def test_decode_throughput_refuses_zero_ctranslate2_replicas():

@@ -82,11 +82,12 @@ class CT2Layout:
             if not raw:
                 continue
             try:
-                values[field] = int(raw)
+                value: int | None = int(raw)
             except ValueError:
-                values[field] = least - 1  # refused below, naming the variable
-            if values[field] < least:
+                value = None
+            if value is None or value < least:
                 raise ValueError(f"{name}={raw!r}: must be a whole number >= {least}")
+            values[field] = value
         return cls(**values)
 
     def runtime_options(self) -> dict[str, int]:
